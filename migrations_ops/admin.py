@@ -1,0 +1,209 @@
+"""The admin door: thin, every write goes through ``services``."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from migrations_ops import selectors, services
+from migrations_ops.actors import Actor
+from migrations_ops.forms import ForceUnlockForm, TargetForm
+from migrations_ops.models import AuditEvent, Door, LockState, Operation, Target
+
+admin.site.site_header = "opsconsole"
+admin.site.site_title = "opsconsole"
+admin.site.index_title = "Operations console"
+
+LOCK_COLOURS = {
+    LockState.FREE: "#2e7d32",
+    LockState.HELD: "#b26a00",
+    LockState.STALE: "#c62828",
+    LockState.UNKNOWN: "#666",
+}
+
+
+def pretty_json(value) -> str:
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+@admin.register(Target)
+class TargetAdmin(admin.ModelAdmin):
+    form = TargetForm
+    list_display = ["name", "environment", "convention", "lock_column", "observed_column"]
+    list_filter = ["environment", "convention"]
+    search_fields = ["name"]
+    list_select_related = ["lock_observation"]
+    readonly_fields = ["masked_url", "lock_column", "created_at", "updated_at"]
+    actions = ["force_unlock", "refresh_status"]
+
+    def get_fields(self, request, obj=None):
+        fields = ["name", "environment", "convention", "connection_url", "schema",
+                  "lock_timeout_seconds"]
+        if obj is not None:
+            fields[3:3] = ["masked_url"]
+            fields += ["lock_column", "created_at", "updated_at"]
+        return fields
+
+    @admin.display(description="Connection (masked)")
+    def masked_url(self, obj):
+        return obj.masked_url
+
+    @admin.display(description="Lock")
+    def lock_column(self, obj):
+        report = selectors.lock_report(obj)
+        return format_html(
+            '<span style="color:{};font-weight:bold">{}</span>',
+            LOCK_COLOURS[report["state"]],
+            selectors.describe_lock(report),
+        )
+
+    @admin.display(description="Lock observed")
+    def observed_column(self, obj):
+        observation = selectors.observation_of(obj)
+        if observation is None or observation.observed_at is None:
+            return "never"
+        return f"{selectors.humanize_seconds((timezone.now() - observation.observed_at).total_seconds())} ago"
+
+    def save_model(self, request, obj, form, change):
+        services.save_target(
+            actor=Actor.for_user(request.user, Door.ADMIN),
+            target=obj,
+            changed_fields=form.changed_data,
+        )
+
+    # --- force-unlock ------------------------------------------------------------------------
+    def has_force_unlock_permission(self, request):
+        return request.user.has_perm(services.FORCE_UNLOCK_PERMISSION)
+
+    @admin.action(description="Force-release migration lock", permissions=["force_unlock"])
+    def force_unlock(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one target to release its lock.", messages.ERROR)
+            return None
+        return redirect("admin:migrations_ops_target_force_unlock", queryset.get().pk)
+
+    @admin.action(description="Refresh lock status (read the targets now)", permissions=["view"])
+    def refresh_status(self, request, queryset):
+        for target in queryset:
+            status = services.read_target_status(target, include_applied=False)
+            if status.error:
+                self.message_user(request, f"{target.name}: {status.error}", messages.ERROR)
+        self.message_user(request, f"Read {queryset.count()} target(s).", messages.INFO)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:target_id>/force-unlock/",
+                self.admin_site.admin_view(self.force_unlock_view),
+                name="migrations_ops_target_force_unlock",
+            ),
+            *super().get_urls(),
+        ]
+
+    def force_unlock_view(self, request, target_id: int):
+        if not self.has_force_unlock_permission(request):
+            raise PermissionDenied
+        target = get_object_or_404(Target, pk=target_id)
+        form = ForceUnlockForm(request.POST or None, target=target)
+        if request.method == "POST" and form.is_valid():
+            try:
+                operation = services.request_force_unlock(
+                    actor=Actor.for_user(request.user, Door.ADMIN),
+                    target=target,
+                    reason=form.cleaned_data["reason"],
+                    release_fresh=form.cleaned_data["release_fresh"],
+                    confirm_name=form.cleaned_data.get("confirm_name"),
+                )
+            except services.ServiceError as error:
+                form.add_error(None, str(error))
+            else:
+                self.message_user(
+                    request,
+                    f"Operation #{operation.pk} requested: release the lock of {target.name}.",
+                    messages.SUCCESS,
+                )
+                return redirect("admin:migrations_ops_operation_change", operation.pk)
+        status = services.read_target_status(target, include_applied=False)
+        report = selectors.lock_report(target)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Force-release the migration lock of {target.name}",
+            "target": target,
+            "form": form,
+            "status_error": status.error,
+            "lock": report,
+            "lock_text": selectors.describe_lock(report),
+            "lock_colour": LOCK_COLOURS[report["state"]],
+        }
+        return TemplateResponse(request, "admin/migrations_ops/target/force_unlock.html", context)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """History is never edited through the admin."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Operation)
+class OperationAdmin(ReadOnlyAdmin):
+    list_display = ["id", "kind", "target", "status", "requested_by_name", "door",
+                    "requested_at", "duration"]
+    list_filter = ["status", "kind", "door", "target"]
+    search_fields = ["target__name", "requested_by_name", "reason"]
+    list_select_related = ["target"]
+    date_hierarchy = "requested_at"
+    show_full_result_count = False
+    change_form_template = "admin/migrations_ops/operation/change_form.html"
+    fields = ["kind", "target", "status", "requested_by_name", "door", "reason", "requested_at",
+              "started_at", "finished_at", "duration", "worker", "error", "result_display",
+              "params_display", "log"]
+    readonly_fields = fields
+
+    @admin.display(description="Result (before / after)")
+    def result_display(self, obj):
+        return pretty_json(obj.result)
+
+    @admin.display(description="Parameters")
+    def params_display(self, obj):
+        return pretty_json(obj.params)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        operation = get_object_or_404(Operation, pk=object_id)
+        extra_context = {
+            **(extra_context or {}),
+            "auto_refresh": not operation.is_finished,
+            "audit_events": selectors.audit_events_for_operation(operation),
+            "target_url": reverse("admin:migrations_ops_target_change", args=[operation.target_id]),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "actor_name", "door", "action", "target_name", "operation_id"]
+    list_filter = ["door", "action"]
+    search_fields = ["actor_name", "target_name", "action"]
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    fields = ["created_at", "actor_name", "door", "action", "target_name", "operation",
+              "details_display"]
+    readonly_fields = fields
+
+    @admin.display(description="Details")
+    def details_display(self, obj):
+        return pretty_json(obj.details)

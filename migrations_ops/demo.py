@@ -1,0 +1,106 @@
+"""Demo data for a newcomer: one SQLite target whose lock a crashed deploy left behind 20
+minutes ago, one healthy target, and an admin user. Re-running resets both targets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from migrations_ops import services
+from migrations_ops.actors import Actor
+from migrations_ops.models import Environment, Target
+
+DEMO_MIGRATIONS = {
+    "001_create_customers.sql": "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)",
+    "002_create_orders.sql": (
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER, total NUMERIC)"
+    ),
+    "003_add_orders_customer_index.sql": "CREATE INDEX orders_customer ON orders (customer_id)",
+}
+
+
+@dataclass
+class DemoResult:
+    username: str
+    password: str
+    targets: list[Target]
+
+
+def load_demo(directory: Path) -> DemoResult:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = timezone.now()
+    stuck = _write_runbook_database(
+        directory / "orders-demo.sqlite3",
+        lock=("deploy-4521 on web-2 (crashed mid-migration)", now - dt.timedelta(minutes=20)),
+    )
+    healthy = _write_runbook_database(directory / "billing-demo.sqlite3", lock=None)
+    with transaction.atomic():
+        username, password = _reset_admin_user()
+        targets = [
+            _upsert_target("orders-demo", stuck, Environment.STAGING),
+            _upsert_target("billing-demo", healthy, Environment.DEVELOPMENT),
+        ]
+    for target in targets:
+        services.read_target_status(target, include_applied=False)
+    return DemoResult(username, password, targets)
+
+
+def _write_runbook_database(path: Path, lock: tuple[str, dt.datetime] | None) -> Path:
+    path.unlink(missing_ok=True)
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMP)")
+        connection.execute(
+            "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY CHECK (id = 1), "
+            "locked_at TIMESTAMP NOT NULL, locked_by TEXT)"
+        )
+        applied_at = timezone.now() - dt.timedelta(days=len(DEMO_MIGRATIONS))
+        for filename, statement in DEMO_MIGRATIONS.items():
+            connection.execute(statement)
+            connection.execute(
+                "INSERT INTO migrations (filename, applied_at) VALUES (?, ?)",
+                (filename, applied_at.isoformat(sep=" ")),
+            )
+            applied_at += dt.timedelta(days=1)
+        if lock:
+            holder, locked_at = lock
+            connection.execute(
+                "INSERT INTO migration_lock (id, locked_at, locked_by) VALUES (1, ?, ?)",
+                (locked_at.isoformat(sep=" "), holder),
+            )
+    connection.close()
+    return path
+
+
+def _upsert_target(name: str, path: Path, environment: str) -> Target:
+    target, _ = Target.objects.update_or_create(
+        name=name,
+        defaults={
+            "connection_url": f"sqlite:///{path.resolve()}",
+            "convention": "runbook",
+            "environment": environment,
+            "lock_timeout_seconds": 60,
+        },
+    )
+    services.record_audit_event(
+        Actor.shell_operator(), "target.demo_loaded", target=target, details={"path": str(path)}
+    )
+    return target
+
+
+def _reset_admin_user() -> tuple[str, str]:
+    password = secrets.token_urlsafe(12)
+    user, _ = get_user_model().objects.get_or_create(username="admin")
+    user.is_staff = True
+    user.is_superuser = True
+    user.is_active = True
+    user.set_password(password)
+    user.save()
+    return user.username, password

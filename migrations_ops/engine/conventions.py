@@ -1,0 +1,239 @@
+"""Conventions: how a migration tool keeps its books inside a target.
+
+A convention knows the tables of one tool and how to read its applied migrations, read its
+lock and release it. Lock rows are returned as plain JSON-ready dicts, column by column as the
+table has them, so the console can show and record them without knowing every tool's columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .connection import TargetConnection
+from .errors import EngineError, LockChanged, LockNotHeld
+
+UTC = dt.UTC
+
+
+@dataclass(frozen=True)
+class LockState:
+    """The migration lock as read from the target."""
+
+    held: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    # When the target itself says the lock was taken; None when its table keeps no time.
+    locked_at: dt.datetime | None = None
+    holder: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "held": self.held,
+            "rows": self.rows,
+            "locked_at": self.locked_at.isoformat() if self.locked_at else None,
+            "holder": self.holder,
+        }
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    name: str
+    applied_at: dt.datetime | None
+    batch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "applied_at": self.applied_at.isoformat() if self.applied_at else None,
+            "batch": self.batch,
+        }
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return to_utc(value).isoformat()
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    return value
+
+
+def to_utc(value: dt.datetime) -> dt.datetime:
+    """Naive timestamps in migration tables are UTC by the tools' own convention."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_timestamp(value: Any) -> dt.datetime | None:
+    """A timestamp as tools store it: a datetime, ISO text (SQLite), or epoch seconds / ms."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return to_utc(value)
+    if isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
+        seconds = float(value)
+        if seconds > 1e11:  # JavaScript's Date.now() counts milliseconds
+            seconds /= 1000
+        return dt.datetime.fromtimestamp(seconds, UTC)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return parse_timestamp(int(text))
+        try:
+            return to_utc(dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+class Convention:
+    """One tool's bookkeeping. Subclasses name their tables and say what "held" means."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    migrations_table: ClassVar[str]
+    lock_table: ClassVar[str]
+
+    def require_tables(self, connection: TargetConnection) -> None:
+        connection.require_tables(self.name, self.migrations_table, self.lock_table)
+
+    # --- reading -------------------------------------------------------------------------------
+    def read_lock(self, connection: TargetConnection, *, for_update: bool = False) -> LockState:
+        self.require_tables(connection)
+        query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
+        if for_update and connection.dialect == "postgresql":
+            query += " FOR UPDATE"
+        rows = [{k: jsonable(v) for k, v in row.items()} for row in connection.fetch_dicts(query)]
+        held_rows = [row for row in rows if self.row_holds_lock(row)]
+        if not held_rows:
+            return LockState(held=False, rows=rows)
+        locked_at = self.locked_at(held_rows[0])
+        return LockState(held=True, rows=rows, locked_at=locked_at, holder=self.holder(held_rows[0]))
+
+    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
+        raise NotImplementedError
+
+    def row_holds_lock(self, row: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def locked_at(self, row: dict[str, Any]) -> dt.datetime | None:
+        return None
+
+    def holder(self, row: dict[str, Any]) -> str | None:
+        return None
+
+    # --- writing -------------------------------------------------------------------------------
+    def release_lock(
+        self, connection: TargetConnection, *, expected_rows: list[dict[str, Any]] | None = None
+    ) -> tuple[LockState, LockState]:
+        """Release the lock in one transaction; return it as it was before and as it is after.
+
+        With ``expected_rows`` (the lock the operator saw when asking), a lock that has since
+        been released or re-taken by someone else is left alone and ``LockChanged`` is raised.
+        """
+        with connection.transaction():
+            before = self.read_lock(connection, for_update=True)
+            if not before.held:
+                raise LockNotHeld("the migration lock is not held: there is nothing to release")
+            if expected_rows is not None and before.rows != expected_rows:
+                raise LockChanged(
+                    "the migration lock changed since the release was requested "
+                    f"(now: {describe_rows(before.rows)}); look at it again and re-request"
+                )
+            self._release(connection)
+            after = self.read_lock(connection)
+            if after.held:
+                raise EngineError("the migration lock was still held after the release")
+        return before, after
+
+    def _release(self, connection: TargetConnection) -> None:
+        raise NotImplementedError
+
+
+def describe_rows(rows: list[dict[str, Any]]) -> str:
+    return "; ".join(", ".join(f"{k}={v}" for k, v in row.items()) for row in rows) or "no rows"
+
+
+class RunbookConvention(Convention):
+    """The runbook's own books: ``migrations(filename, applied_at)`` and
+    ``migration_lock(id = 1, locked_at, locked_by)``; the lock is held while a row exists."""
+
+    name = "runbook"
+    label = "Runbook (migrations + migration_lock)"
+    migrations_table = "migrations"
+    lock_table = "migration_lock"
+
+    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
+        self.require_tables(connection)
+        table = connection.quote(self.migrations_table)
+        rows = connection.fetch_dicts(
+            f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename"  # noqa: S608
+        )
+        return [AppliedMigration(str(r["filename"]), parse_timestamp(r["applied_at"])) for r in rows]
+
+    def row_holds_lock(self, row: dict[str, Any]) -> bool:
+        return True
+
+    def locked_at(self, row: dict[str, Any]) -> dt.datetime | None:
+        return parse_timestamp(row.get("locked_at"))
+
+    def holder(self, row: dict[str, Any]) -> str | None:
+        value = row.get("locked_by")
+        return None if value is None else str(value)
+
+    def _release(self, connection: TargetConnection) -> None:
+        # The runbook's Scenario 3: "DELETE FROM migration_lock" releases every lock row.
+        connection.execute(f"DELETE FROM {connection.quote(self.lock_table)}")  # noqa: S608
+
+
+class KnexConvention(Convention):
+    """Knex: ``knex_migrations(id, name, batch, migration_time)`` and
+    ``knex_migrations_lock(index, is_locked)``; held while ``is_locked = 1``. The lock row keeps
+    no time and no holder, which is why the console remembers when it first saw it held."""
+
+    name = "knex"
+    label = "Knex (knex_migrations + knex_migrations_lock)"
+    migrations_table = "knex_migrations"
+    lock_table = "knex_migrations_lock"
+
+    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
+        self.require_tables(connection)
+        table = connection.quote(self.migrations_table)
+        rows = connection.fetch_dicts(
+            f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id"  # noqa: S608
+        )
+        return [
+            AppliedMigration(
+                str(r["name"]),
+                parse_timestamp(r["migration_time"]),
+                None if r["batch"] is None else int(r["batch"]),
+            )
+            for r in rows
+        ]
+
+    def row_holds_lock(self, row: dict[str, Any]) -> bool:
+        value = row.get("is_locked")
+        return value not in (None, 0, False, "0", "false")
+
+    def _release(self, connection: TargetConnection) -> None:
+        # What `knex migrate:unlock` does.
+        connection.execute(
+            f"UPDATE {connection.quote(self.lock_table)} SET is_locked = 0"  # noqa: S608
+        )
+
+
+CONVENTIONS: dict[str, Convention] = {
+    convention.name: convention for convention in (RunbookConvention(), KnexConvention())
+}
+
+
+def get_convention(name: str) -> Convention:
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        known = ", ".join(sorted(CONVENTIONS))
+        raise EngineError(f"unknown convention {name!r} (known: {known})") from None

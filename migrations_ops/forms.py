@@ -1,0 +1,56 @@
+from django import forms
+
+from migrations_ops.models import Target
+
+
+class TargetForm(forms.ModelForm):
+    """The connection URL is write-only: never rendered back, blank on edit keeps it."""
+
+    connection_url = forms.CharField(
+        label="Connection URL",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off", "size": 80}),
+        help_text="postgresql://user:password@host:5432/db or sqlite:////absolute/path.sqlite3. "
+        "Never shown again; leave blank to keep the current one.",
+    )
+
+    class Meta:
+        model = Target
+        fields = ["name", "environment", "convention", "connection_url", "schema",
+                  "lock_timeout_seconds"]
+
+    def clean_connection_url(self):
+        value = self.cleaned_data["connection_url"]
+        if value:
+            return value
+        if self.instance.pk:
+            return self.instance.connection_url
+        raise forms.ValidationError("A connection URL is required.")
+
+
+class ForceUnlockForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+        help_text="Why the lock must go: recorded on the operation and the audit trail.",
+    )
+    release_fresh = forms.BooleanField(
+        required=False,
+        label="Release a fresh lock",
+        help_text="The lock is younger than the target's lock timeout (or its age is unknown): "
+        "a migration may still be running. Tick only if you know its holder is gone.",
+    )
+    confirm_name = forms.CharField(
+        required=False,
+        label="Type the target's name to confirm",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+
+    def __init__(self, *args, target, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target = target
+        if target.is_production:
+            self.fields["confirm_name"].required = True
+            self.fields["confirm_name"].help_text = f"{target.name} is a production target."
+        else:
+            del self.fields["confirm_name"]

@@ -1,0 +1,276 @@
+"""Targets, what the console last saw of their locks, operations on them, and the audit trail."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from migrations_ops import engine
+
+
+def validate_target_url(value: str) -> None:
+    try:
+        dialect = engine.dialect_of(value)
+        if dialect == "sqlite":
+            engine.target_url.sqlite_path(value)
+    except engine.EngineError as error:
+        raise ValidationError(str(error)) from None
+
+
+class Environment(models.TextChoices):
+    PRODUCTION = "production", "Production"
+    STAGING = "staging", "Staging"
+    DEVELOPMENT = "development", "Development"
+    SANDBOX = "sandbox", "Sandbox"
+
+
+class Door(models.TextChoices):
+    """Which way into the console an action came through."""
+
+    ADMIN = "admin", "Admin"
+    CLI = "cli", "CLI"
+    API = "api", "API"
+    TASK = "task", "Task"
+
+
+CONVENTION_CHOICES = [(c.name, c.label) for c in engine.CONVENTIONS.values()]
+
+
+class Target(models.Model):
+    """One application database the console operates on."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    environment = models.CharField(max_length=20, choices=Environment.choices)
+    # A secret: shown only masked, never logged, never returned by any door.
+    connection_url = models.TextField(validators=[validate_target_url])
+    convention = models.CharField(max_length=20, choices=CONVENTION_CHOICES)
+    schema = models.CharField(
+        max_length=63, blank=True, help_text="PostgreSQL schema holding the books (optional)."
+    )
+    lock_timeout_seconds = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(86_400)],
+        help_text="MIGRATION_LOCK_TIMEOUT: a lock held longer than this is stale.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("force_unlock_target", "Can force-release a target's migration lock")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def masked_url(self) -> str:
+        return engine.mask_url(self.connection_url)
+
+    @property
+    def dialect(self) -> str:
+        return engine.dialect_of(self.connection_url)
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == Environment.PRODUCTION
+
+    @property
+    def lock_timeout(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.lock_timeout_seconds)
+
+    def clean(self) -> None:
+        if self.schema and self.connection_url and self.dialect == "sqlite":
+            raise ValidationError({"schema": "A schema can only be set for PostgreSQL targets."})
+
+
+class LockState(models.TextChoices):
+    UNKNOWN = "unknown", "Unknown"
+    FREE = "free", "Free"
+    HELD = "held", "Held"
+    STALE = "stale", "Stale"
+
+
+class LockObservation(models.Model):
+    """The last lock state the console read from a target, kept so pages need no connection.
+
+    Tools such as Knex store no time with their lock; ``first_seen_held_at`` is then the only
+    clue to its age, which is why every status read updates this row.
+    """
+
+    target = models.OneToOneField(
+        Target, on_delete=models.CASCADE, primary_key=True, related_name="lock_observation"
+    )
+    held = models.BooleanField(null=True, help_text="None until the first successful read.")
+    holder = models.TextField(blank=True)
+    rows = models.JSONField(default=list, blank=True)
+    locked_at = models.DateTimeField(null=True, blank=True, help_text="As stored by the target.")
+    first_seen_held_at = models.DateTimeField(null=True, blank=True)
+    observed_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True, help_text="Why the last read failed, if it did.")
+
+    def __str__(self) -> str:
+        return f"lock of {self.target_id}: {self.state(timezone.now(), self.target.lock_timeout)}"
+
+    @property
+    def since(self) -> dt.datetime | None:
+        return (self.locked_at or self.first_seen_held_at) if self.held else None
+
+    @property
+    def since_source(self) -> str | None:
+        """``"target"`` when the target stores the time, ``"first_seen"`` when the console guesses."""
+        if not self.held:
+            return None
+        return "target" if self.locked_at else "first_seen"
+
+    def age(self, now: dt.datetime) -> dt.timedelta | None:
+        since = self.since
+        return max(now - since, dt.timedelta(0)) if since else None
+
+    def state(self, now: dt.datetime, lock_timeout: dt.timedelta) -> str:
+        """Free, held or stale. A lock whose age is only known from when it was first seen is
+        stale once even that lower bound passes the lock timeout."""
+        if self.held is None:
+            return LockState.UNKNOWN
+        if not self.held:
+            return LockState.FREE
+        age = self.age(now)
+        return LockState.STALE if age is not None and age > lock_timeout else LockState.HELD
+
+
+class OperationKind(models.TextChoices):
+    FORCE_UNLOCK = "force_unlock", "Force-release migration lock"
+
+
+class OperationStatus(models.TextChoices):
+    AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    LOST = "lost", "Lost"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+ACTIVE_STATUSES = (
+    OperationStatus.AWAITING_APPROVAL,
+    OperationStatus.QUEUED,
+    OperationStatus.RUNNING,
+)
+
+
+class Operation(models.Model):
+    """One audited request to act on a target. Written before its task is sent (an outbox)."""
+
+    kind = models.CharField(max_length=30, choices=OperationKind.choices)
+    target = models.ForeignKey(Target, on_delete=models.PROTECT, related_name="operations")
+    status = models.CharField(
+        max_length=20, choices=OperationStatus.choices, default=OperationStatus.QUEUED
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    requested_by_name = models.CharField(max_length=150)
+    door = models.CharField(max_length=10, choices=Door.choices)
+    reason = models.TextField()
+    params = models.JSONField(default=dict, blank=True)
+    requested_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    log = models.TextField(blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+        constraints = [
+            # One mutating operation per target at a time, whichever door it came through.
+            models.UniqueConstraint(
+                fields=["target"],
+                condition=Q(status__in=ACTIVE_STATUSES),
+                name="one_active_operation_per_target",
+            )
+        ]
+        indexes = [models.Index(fields=["status", "requested_at"])]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.get_kind_display()} on {self.target.name} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in ACTIVE_STATUSES
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class AppendOnlyError(Exception):
+    pass
+
+
+class AuditEvent(models.Model):
+    """Who did what, through which door, when. Append-only: the model refuses to update or
+    delete a row, and on PostgreSQL a trigger makes the database refuse too.
+
+    References are kept without database constraints and with copies of the names, so the
+    history survives a deleted user and is never rewritten by a cascade.
+    """
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_name = models.CharField(max_length=150)
+    door = models.CharField(max_length=10, choices=Door.choices)
+    action = models.CharField(max_length=60, db_index=True)
+    target = models.ForeignKey(
+        Target,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    target_name = models.CharField(max_length=100, blank=True)
+    operation = models.ForeignKey(
+        Operation,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="audit_events",
+    )
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding:
+            raise AppendOnlyError("audit events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("audit events are append-only")

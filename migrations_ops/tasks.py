@@ -1,0 +1,11 @@
+"""Celery tasks: thin wrappers that call services."""
+
+from celery import shared_task
+
+from migrations_ops import services
+
+
+@shared_task(bind=True, name="migrations_ops.execute_operation", acks_late=True)
+def execute_operation_task(self, operation_id: int) -> str | None:
+    operation = services.execute_operation(operation_id, worker=self.request.hostname or "")
+    return operation.status if operation else None
