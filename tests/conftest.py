@@ -38,3 +38,32 @@ def sqlite_target(tmp_path):
 def any_target(request):
     """The same test against a PostgreSQL target and a SQLite target."""
     return request.getfixturevalue("pg_target" if request.param == "postgresql" else "sqlite_target")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real worker process on Redis, pointed at the test database (session-wide)."""
+    from django.conf import settings
+
+    from tests.worker import celery_worker, database_url
+
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with celery_worker(
+        database_url=database_url(settings.DATABASES["default"]),
+        redis_url=settings.CELERY_BROKER_URL,
+        queue=queue,
+        log_path=log_path,
+    ) as process:
+        yield {"process": process, "queue": queue, "log_path": log_path}
+
+
+@pytest.fixture
+def real_worker(celery_worker_process, settings):
+    """Send tasks through Redis to the real worker instead of running them in-process."""
+    from opsconsole.celery import app
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    app.conf.task_always_eager = False
+    yield celery_worker_process
+    app.conf.task_always_eager = True

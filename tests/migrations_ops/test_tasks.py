@@ -1,0 +1,81 @@
+"""End to end through a real Celery worker process and Redis."""
+
+import datetime as dt
+import time
+
+import pytest
+from django.urls import reverse
+
+from migrations_ops.models import AuditEvent, Operation, OperationStatus
+from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+
+def wait_until_finished(operation: Operation, seconds: float = 20) -> Operation:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        operation.refresh_from_db()
+        if operation.is_finished:
+            return operation
+        time.sleep(0.05)
+    raise AssertionError(f"operation #{operation.pk} still {operation.status} after {seconds} s")
+
+
+def test_admin_force_unlock_runs_on_the_worker(real_worker, pg_target, client):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20), locked_by="deploy-99")
+    target = TargetFactory(db=pg_target)
+    user = UserFactory(permissions=ON_CALL_PERMISSIONS)
+    client.force_login(user)
+
+    response = client.post(
+        reverse("admin:migrations_ops_target_changelist"),
+        {"action": "force_unlock", "_selected_action": [target.pk]},
+    )
+    confirm_url = reverse("admin:migrations_ops_target_force_unlock", args=[target.pk])
+    assert response.status_code == 302 and response["Location"] == confirm_url
+    response = client.post(confirm_url, {"reason": "deploy-99 crashed mid-migration"})
+
+    operation = Operation.objects.get(target=target)
+    assert response.status_code == 302
+    assert response["Location"] == reverse("admin:migrations_ops_operation_change", args=[operation.pk])
+    operation = wait_until_finished(operation)
+
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    assert operation.worker.startswith("test-")  # run by the worker process, not in-process
+    assert pg_target.runbook_lock_rows() == []
+    assert operation.result["before"]["holder"] == "deploy-99"
+    events = AuditEvent.objects.filter(operation=operation).order_by("id")
+    assert [(e.action, e.door, e.actor_name) for e in events] == [
+        ("operation.requested", "admin", user.username),
+        ("operation.succeeded", "task", f"worker:{operation.worker}"),
+    ]
+
+
+def test_a_duplicated_task_message_runs_the_release_once(real_worker, pg_target, sqlite_target):
+    """Two more deliveries of a finished operation's task: both find it claimed, do nothing."""
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+    from migrations_ops.tasks import execute_operation_task
+
+    operator = Actor.shell_operator()
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20), locked_by="crashed")
+    target = TargetFactory(db=pg_target)
+    operation = services.request_force_unlock(actor=operator, target=target, reason="stuck")
+    assert wait_until_finished(operation).status == OperationStatus.SUCCEEDED
+    pg_target.take_runbook_lock(locked_by="healthy-deploy")
+
+    execute_operation_task.delay(operation.pk)
+    execute_operation_task.delay(operation.pk)
+    # The solo worker takes its queue in order: once a later operation has finished, the
+    # duplicates before it have been handled.
+    sqlite_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    barrier = services.request_force_unlock(
+        actor=operator, target=TargetFactory(db=sqlite_target), reason="barrier"
+    )
+    assert wait_until_finished(barrier).status == OperationStatus.SUCCEEDED
+
+    assert pg_target.runbook_lock_rows() == [(1, "healthy-deploy")]
+    assert AuditEvent.objects.filter(operation=operation, action="operation.succeeded").count() == 1
+    worker_log = real_worker["log_path"].read_text()
+    assert worker_log.count(f"operation {operation.pk} was not queued any more") == 2
