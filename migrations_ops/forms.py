@@ -20,6 +20,12 @@ class TargetForm(forms.ModelForm):
         fields = ["name", "environment", "convention", "connection_url", "schema",
                   "lock_timeout_seconds"]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Compared against a blank initial value, a field left blank is unchanged, so the
+        # audit trail records the URL only when a new one is typed.
+        self.initial["connection_url"] = ""
+
     def clean_connection_url(self):
         value = self.cleaned_data["connection_url"]
         if value:

@@ -9,10 +9,11 @@ from pathlib import Path
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-DATA_DIR = BASE_DIR / "data"
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")
+# Where the embedded default keeps its SQLite database and the demo targets.
+DATA_DIR = Path(env.str("OPSCONSOLE_DATA_DIR", default=str(BASE_DIR / "data")))
 
 # Only the embedded development default may use this key; production settings refuse it.
 INSECURE_DEFAULT_SECRET_KEY = "django-insecure-opsconsole-development-only"  # noqa: S105

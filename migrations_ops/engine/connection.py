@@ -5,12 +5,13 @@ import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
 
 from .errors import EngineError, NotAMigrationsDatabase, TargetUnreachable
-from .target_url import dialect_of, password_of, sqlite_path
+from .target_url import dialect_of, libpq_url, password_of, sqlite_path
 
 
 def one_line(error: BaseException, secret: str | None = None) -> str:
@@ -134,7 +135,7 @@ def _connect_postgresql(
     timeout_ms = max(1, statement_timeout) * 1000
     try:
         raw = psycopg.connect(
-            url,
+            libpq_url(url),
             autocommit=True,
             connect_timeout=max(1, connect_timeout),
             application_name="opsconsole",
@@ -155,9 +156,10 @@ def _connect_sqlite(url: str, schema: str | None, statement_timeout: int) -> Tar
         raise EngineError("a schema can only be set for PostgreSQL targets, not SQLite")
     path = sqlite_path(url)
     try:
-        # mode=rw: a missing file is an error, never a new empty database.
+        # mode=rw: a missing file is an error, never a new empty database. The path is
+        # percent-encoded so a "?" or "#" in it cannot end it early and drop mode=rw.
         raw = sqlite3.connect(
-            f"file:{path}?mode=rw", uri=True, timeout=statement_timeout, isolation_level=None
+            f"file:{quote(path)}?mode=rw", uri=True, timeout=statement_timeout, isolation_level=None
         )
         raw.execute("SELECT 1")
     except sqlite3.Error as error:

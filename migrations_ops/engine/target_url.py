@@ -1,6 +1,6 @@
 """Connection URLs of targets: which database they name, and how to show them without secrets."""
 
-from urllib.parse import urlsplit, urlunsplit
+import re
 
 from .errors import UnsupportedTarget
 
@@ -8,10 +8,22 @@ POSTGRESQL_SCHEMES = {"postgres", "postgresql", "pgsql"}
 SQLITE_SCHEMES = {"sqlite"}
 
 
+def scheme_of(url: str) -> str:
+    """The URL's scheme as written, or "" when it has none. Never raises: unlike ``urlsplit``
+    it does not parse the rest, which may be malformed (``postgresql://u@[::1/db``)."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", url)
+    return match.group(1) if match else ""
+
+
 def dialect_of(url: str) -> str:
     """Return ``"postgresql"`` or ``"sqlite"`` for a target URL, or raise ``UnsupportedTarget``."""
-    scheme = urlsplit(url).scheme.lower()
+    scheme = scheme_of(url).lower()
     if scheme in POSTGRESQL_SCHEMES:
+        if not url[len(scheme) :].startswith("://"):
+            # libpq would read it as a key=value string and echo all of it, password included.
+            raise UnsupportedTarget(
+                "a PostgreSQL target URL looks like postgresql://user@host:port/db"
+            )
         return "postgresql"
     if scheme in SQLITE_SCHEMES:
         return "sqlite"
@@ -21,31 +33,53 @@ def dialect_of(url: str) -> str:
     )
 
 
+def libpq_url(url: str) -> str:
+    """The URL as libpq accepts it: libpq knows only a lower-case postgresql:// or postgres://
+    prefix and reads anything else (pgsql://, POSTGRESQL://) as a key=value string."""
+    _, separator, rest = url.partition("://")
+    return f"postgresql://{rest}" if separator else url
+
+
 def sqlite_path(url: str) -> str:
     """The file path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
-    path = url.split("://", 1)[1]
-    if not path.startswith("/") or path == "/":
+    _, separator, path = url.partition("://")
+    if not separator or not path.startswith("/") or path == "/":
         raise UnsupportedTarget("a SQLite target URL looks like sqlite:///path/to/file.sqlite3")
     return path[1:]
 
 
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without its ``user:password@`` part, and that part (None when it has none).
+
+    The credentials are read as libpq reads them: up to the ``@`` before the first ``/`` after
+    ``scheme://``. So a ``#`` or ``?`` in an unencoded password stays in the password, where
+    ``urlsplit`` would take it for the start of a fragment or query and miss the password.
+    """
+    head, separator, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if not separator or "@" not in authority:
+        return url, None
+    userinfo = authority.rsplit("@", 1)[0]
+    return f"{head}://{rest[len(userinfo) + 1 :]}", userinfo
+
+
 def mask_url(url: str) -> str:
     """The URL with its password (and any query string, which may hold one) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
+    without_credentials, userinfo = split_credentials(url)
+    head, separator, rest = without_credentials.partition("://")
+    if not separator:
+        return "***" if "@" in url else re.split(r"[?#]", url, maxsplit=1)[0]
+    location, mark, tail = [*re.split(r"([?#])", rest, maxsplit=1), "", ""][:3]
+    has_query = mark == "?" and tail.split("#", 1)[0] != ""
+    if userinfo is not None:
         user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = "***" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        location = f"{user}:***@{location}" if ":" in userinfo else f"{user}@{location}"
+    return f"{head}://{location}{'?***' if has_query else ''}"
 
 
 def password_of(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
+    """The password as written in the URL (to scrub it from driver messages), or None."""
+    _, userinfo = split_credentials(url)
+    if userinfo is None or ":" not in userinfo:
         return None
+    return userinfo.split(":", 1)[1]

@@ -1,0 +1,321 @@
+"""How long a force-unlock takes, end to end, through a real Celery worker.
+
+    .venv/bin/python bench/force_unlock.py [--runs N] [--warmup N] [--phases]     (make bench)
+
+Builds everything it needs on the local PostgreSQL and Redis and removes it at the end (also
+on Ctrl-C and errors): a console database, a runbook-convention target database registered as
+a staging Target, a Redis queue of its own and a solo-pool worker process.
+
+Each run takes a stale lock on the target (a row locked 20 minutes ago), then times from just
+before ``services.request_force_unlock(...)`` until the row is gone from the target, watched
+by a tight poll on a kept connection; the next run starts once the Operation has succeeded.
+The baseline is the bare ``DELETE FROM migration_lock`` on an open connection.
+
+``--phases`` also stamps each step, in this process and in the worker, and prints where the
+end-to-end time goes (see bench/phases.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+import harness  # noqa: E402 (needs the path above)
+import psycopg  # noqa: E402
+
+TARGET_P50_MS = 15.0
+TARGET_P99_MS = 50.0
+POLL_SLEEP = 0.0002  # seconds between two polls of the target
+RUN_TIMEOUT = 30.0  # seconds a run may take before the bench gives up
+REDIS_DB = 14
+
+RUNBOOK_BOOKS = [
+    "CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMPTZ)",
+    "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY, locked_by TEXT, locked_at TIMESTAMPTZ)",
+    "INSERT INTO migrations (filename, applied_at) VALUES "
+    "('001_create_users.sql', now() - interval '2 days'), "
+    "('002_add_email.sql', now() - interval '1 day')",
+]
+TAKE_STALE_LOCK = (
+    "INSERT INTO migration_lock (id, locked_by, locked_at) "
+    "VALUES (1, %s, now() - interval '20 minutes')"
+)
+COUNT_LOCK_ROWS = "SELECT count(*) FROM migration_lock"
+BARE_RELEASE = "DELETE FROM migration_lock"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=200, help="timed runs of each (default 200)")
+    parser.add_argument(
+        "--warmup", type=int, default=5,
+        help="untimed force-unlocks first, so one-off costs (first broker connection, the "
+             "worker's first task) are not counted (default 5)",
+    )
+    parser.add_argument(
+        "--phases", action="store_true",
+        help="stamp every step in this process and the worker and print the breakdown",
+    )
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be at least 1 and --warmup at least 0")
+    return args
+
+
+def configure_environment(console_db_url: str, redis_url: str, queue: str) -> dict[str, str]:
+    """What the console reads from the environment; set before ``django.setup()`` here, and
+    passed on to the worker."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
+        "DATABASE_URL": console_db_url,
+        "REDIS_URL": redis_url,
+        "CELERY_QUEUE": queue,
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+        # As deployed: no DEBUG query log growing in either process.
+        "DEBUG": "false",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+    }
+    os.environ.update(env)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suffix = os.getpid()
+    console_db = f"opsconsole_bench_{suffix}"
+    target_db = f"opsconsole_bench_target_{suffix}"
+    queue = f"opsconsole-bench-{suffix}"
+    redis_url = f"{harness.REDIS_SERVER}/{REDIS_DB}"
+    workdir = Path(tempfile.mkdtemp(prefix="opsconsole-bench-"))
+    created: list[str] = []
+    try:
+        with harness.sigterm_as_keyboard_interrupt():
+            console_url = harness.create_pg_database(console_db)
+            created.append(console_db)
+            target_url = harness.create_pg_database(target_db)
+            created.append(target_db)
+            env = configure_environment(console_url, redis_url, queue)
+            return run(args, env, target_url, queue, workdir)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        cleanup(created, redis_url, queue)
+        print(f"(worker log and phase stamps kept in {workdir})", file=sys.stderr)
+
+
+def cleanup(databases: list[str], redis_url: str, queue: str) -> None:
+    if "django" in sys.modules:
+        from django.db import connections
+
+        connections.close_all()
+    for name in databases:
+        try:
+            harness.drop_pg_database(name)
+        except psycopg.Error as error:
+            print(f"could not drop database {name}: {error}", file=sys.stderr)
+    try:
+        harness.delete_queue_keys(redis_url, queue)
+    except Exception as error:  # the Redis client raises many kinds
+        print(f"could not remove Redis queue {queue}: {error}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: str,
+        workdir: Path) -> int:
+    import django
+
+    django.setup()
+
+    from django.core.management import call_command
+
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+
+    call_command("migrate", verbosity=0, interactive=False)
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        for statement in RUNBOOK_BOOKS:
+            conn.execute(statement)
+    operator = Actor.shell_operator()
+    target = services.register_target(
+        actor=operator,
+        name="bench-target",
+        url=target_url,
+        convention="runbook",
+        environment="staging",
+        lock_timeout_seconds=60,
+    )
+
+    recorder = None
+    worker_env = dict(env)
+    entry: tuple[str, ...] = ("-m", "celery")
+    phases_file = workdir / "worker-phases.jsonl"
+    if args.phases:
+        import phases
+
+        recorder = phases.install_request_side()
+        worker_env["BENCH_PHASES_FILE"] = str(phases_file)
+        entry = (str(BENCH_DIR / "worker_main.py"),)
+
+    log_path = workdir / "worker.log"
+    print(f"worker: celery solo pool on queue {queue} (log: {log_path})", file=sys.stderr)
+    with (
+        harness.celery_worker(env=worker_env, queue=queue, log_path=log_path, entry=entry),
+        psycopg.connect(target_url, autocommit=True) as writer,
+        psycopg.connect(target_url, autocommit=True) as poller,
+    ):
+        bench = ForceUnlockBench(services, operator, target, writer, poller, recorder)
+        for index in range(args.warmup):
+            bench.force_unlock_once(f"warm-up {index}")
+        end_to_end = []
+        phase_runs = []
+        for index in range(args.runs):
+            result = bench.force_unlock_once(f"run {index}")
+            end_to_end.append(result)
+            if args.phases:
+                worker = phases.read_worker_record(phases_file, result["operation"])
+                phase_runs.append(phases.phases_of(result["stamps"], result["request"], worker)
+                                  + (result["request"], worker))
+        bare = [bench.bare_delete_once(index) for index in range(args.runs)]
+
+    report(args, end_to_end, bare)
+    if args.phases:
+        report_phases(phase_runs)
+    met = meets_target([r["gone"] for r in end_to_end])
+    return 0 if met else 1
+
+
+class ForceUnlockBench:
+    def __init__(self, services, operator, target, writer, poller, recorder):
+        from migrations_ops.models import ACTIVE_STATUSES, Operation, OperationStatus
+
+        self.services = services
+        self.operator = operator
+        self.target = target
+        self.writer = writer
+        self.poll_cursor = poller.cursor()
+        self.recorder = recorder
+        self.Operation = Operation
+        self.active = set(ACTIVE_STATUSES)
+        self.succeeded = OperationStatus.SUCCEEDED
+
+    def lock_rows(self) -> int:
+        self.poll_cursor.execute(COUNT_LOCK_ROWS)
+        return self.poll_cursor.fetchone()[0]
+
+    def force_unlock_once(self, label: str) -> dict:
+        self.writer.execute(TAKE_STALE_LOCK, (f"bench {label}",))
+        if self.recorder is not None:
+            self.recorder.reset()
+        start = time.perf_counter()
+        operation = self.services.request_force_unlock(
+            actor=self.operator, target=self.target, reason=f"bench {label}"
+        )
+        returned = time.perf_counter()
+        while self.lock_rows():
+            if time.perf_counter() - start > RUN_TIMEOUT:
+                raise RuntimeError(f"{label}: the lock is still held after {RUN_TIMEOUT} s")
+            time.sleep(POLL_SLEEP)
+        gone = time.perf_counter()
+        request = self.recorder.snapshot() if self.recorder is not None else None
+        status = self.wait_until_finished(operation.pk, start, label)
+        done = time.perf_counter()
+        if status != self.succeeded:
+            error = self.Operation.objects.values_list("error", flat=True).get(pk=operation.pk)
+            raise RuntimeError(f"{label}: operation #{operation.pk} {status}: {error}")
+        return {
+            "operation": operation.pk,
+            "returned": returned - start,
+            "gone": gone - start,
+            "done": done - start,
+            "stamps": {"start": start, "gone": gone, "done": done},
+            "request": request,
+        }
+
+    def wait_until_finished(self, operation_id: int, start: float, label: str) -> str:
+        rows = self.Operation.objects.filter(pk=operation_id).values_list("status", flat=True)
+        while (status := rows.get()) in self.active:
+            if time.perf_counter() - start > RUN_TIMEOUT:
+                raise RuntimeError(f"{label}: operation #{operation_id} still {status}")
+            time.sleep(0.0005)
+        return status
+
+    def bare_delete_once(self, index: int) -> float:
+        self.writer.execute(TAKE_STALE_LOCK, (f"bench bare {index}",))
+        start = time.perf_counter()
+        self.writer.execute(BARE_RELEASE)
+        elapsed = time.perf_counter() - start
+        if self.lock_rows():
+            raise RuntimeError("the bare DELETE left a lock row behind")
+        return elapsed
+
+
+# --- output ------------------------------------------------------------------------------------
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+def row(label: str, values: list[float]) -> str:
+    s = harness.summary(values)
+    return f"{label:<68}{ms(s['p50'])}{ms(s['p90'])}{ms(s['p99'])}{ms(s['max'])}"
+
+
+def header(title: str) -> str:
+    return f"{title:<68}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}   (ms)"
+
+
+def meets_target(gone: list[float]) -> bool:
+    s = harness.summary(gone)
+    return s["p50"] * 1000 <= TARGET_P50_MS and s["p99"] * 1000 <= TARGET_P99_MS
+
+
+def report(args, end_to_end: list[dict], bare: list[float]) -> None:
+    gone = [r["gone"] for r in end_to_end]
+    print()
+    print(f"force-unlock, {args.runs} runs (+{args.warmup} warm-up), PostgreSQL target, "
+          f"Celery solo worker on Redis{', phase stamps on' if args.phases else ''}")
+    print(header(""))
+    print(row("end to end: request -> lock row gone", gone))
+    print(row("  request_force_unlock() returned", [r["returned"] for r in end_to_end]))
+    print(row("  Operation seen succeeded", [r["done"] for r in end_to_end]))
+    print(row("bare DELETE FROM migration_lock", bare))
+    s = harness.summary(gone)
+    met = meets_target(gone)
+    print(f"target: p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms -> "
+          f"{'MET' if met else 'NOT MET'} (p50 {s['p50'] * 1000:.2f} ms, "
+          f"p99 {s['p99'] * 1000:.2f} ms); all {len(end_to_end)} operations succeeded")
+
+
+def report_phases(phase_runs: list[tuple]) -> None:
+    chain_labels = [label for label, _ in phase_runs[0][0]]
+    after_labels = [label for label, _ in phase_runs[0][1]]
+    total = statistics.fmean(sum(seconds for _, seconds in run[0]) for run in phase_runs)
+    print()
+    print(header("where the end-to-end time goes") + "   mean  share")
+    for position, label in enumerate(chain_labels):
+        values = [run[0][position][1] for run in phase_runs]
+        mean = statistics.fmean(values)
+        print(f"{row(label, values)}{ms(mean)}  {mean / total:5.1%}")
+    print(header("after the lock is gone (not in end to end)"))
+    for position, label in enumerate(after_labels):
+        print(row(label, [run[1][position][1] for run in phase_runs]))
+    print(header("inside the phases above"))
+    for side, position in (("request", 2), ("worker", 3)):
+        durations = [run[position]["durations"].get("console_connect", 0.0) for run in phase_runs]
+        print(row(f"{side}: new console DB connection(s)", durations))
+    for side, position in (("request", 2), ("worker", 3)):
+        counts = phase_runs[0][position]["counts"]
+        print(f"{side}: {counts.get('console_queries', 0)} console queries, "
+              f"{counts.get('target_statements', 0)} target statements, "
+              f"{counts.get('console_connect', 0)} console connects per operation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

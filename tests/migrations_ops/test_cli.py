@@ -1,0 +1,126 @@
+"""``python manage.py ops``: register, status, unlock."""
+
+import datetime as dt
+import io
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from migrations_ops.models import AuditEvent, Operation, OperationStatus, Target
+from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def ops(*args) -> str:
+    out = io.StringIO()
+    call_command("ops", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def test_register_then_status_json(pg_target):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=5), locked_by="deploy-1")
+    url = pg_target.url.replace("postgres@", "postgres:pw-marker@")
+    printed = ops(
+        "register", "--name", "orders", "--url", url, "--convention", "runbook",
+        "--environment", "staging", "--schema", pg_target.schema, "--lock-timeout", "120",
+    )
+    assert printed.strip() == "registered orders (staging, runbook)"
+    assert Target.objects.get(name="orders").lock_timeout_seconds == 120
+
+    report = json.loads(ops("status", "--target", "orders", "--json"))
+    (target,) = report["targets"]
+    assert target["lock"]["state"] == "stale"
+    assert target["lock"]["holder"] == "deploy-1"
+    assert 295 < target["lock"]["age_seconds"] < 400
+    assert [m["name"] for m in target["applied_migrations"]] == [
+        "001_create_users.sql",
+        "002_add_email.sql",
+    ]
+    assert "pw-marker" not in json.dumps(report)
+    event = AuditEvent.objects.get(action="target.registered")
+    assert event.door == "cli"
+    assert "pw-marker" not in json.dumps(event.details)
+
+
+def test_register_refuses_bad_input():
+    with pytest.raises(CommandError, match="unsupported target URL scheme mysql"):
+        ops("register", "--name", "x", "--url", "mysql://db/x", "--convention", "knex",
+            "--environment", "staging")
+    with pytest.raises(CommandError, match="schema can only be set for PostgreSQL"):
+        ops("register", "--name", "x", "--url", "sqlite:////tmp/x.db", "--convention", "knex",
+            "--environment", "staging", "--schema", "public")
+    assert Target.objects.count() == 0
+
+
+def test_status_of_all_targets_fails_when_one_is_unreachable(sqlite_target):
+    sqlite_target.create_knex_books(locked=True)
+    TargetFactory(db=sqlite_target, name="alive", convention="knex")
+    TargetFactory(name="gone", connection_url="postgresql://u:pw-marker@127.0.0.1:1/x")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="gone: cannot connect to target") as caught:
+        call_command("ops", "status", stdout=out)
+    printed = out.getvalue()
+    assert "alive  staging  knex  sqlite" in printed
+    assert "held 0 s (first seen held; the table keeps no time)" in printed
+    assert "pw-marker" not in printed + str(caught.value)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unlock_releases_and_reports(any_target):
+    """Committed for real, so the (in-process) task runs before the command reports."""
+    any_target.create_runbook_books(lock_age=dt.timedelta(minutes=20), locked_by="deploy-7")
+    TargetFactory(db=any_target, name="orders")
+    printed = ops("unlock", "--target", "orders", "--reason", "crashed deploy", "--wait", "5")
+    operation = Operation.objects.get()
+    assert f"operation #{operation.pk} succeeded: lock released (was held by deploy-7" in printed
+    assert operation.status == OperationStatus.SUCCEEDED
+    assert operation.door == "cli"
+    assert any_target.runbook_lock_rows() == []
+
+
+def test_unlock_fresh_lock_needs_force(pg_target, django_capture_on_commit_callbacks):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(seconds=3))
+    TargetFactory(db=pg_target, name="orders")
+    with pytest.raises(CommandError, match=r"not stale .*CLI: --force"):
+        ops("unlock", "--target", "orders", "--reason", "x")
+    assert len(pg_target.runbook_lock_rows()) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        ops("unlock", "--target", "orders", "--reason", "evicted pod", "--force", "--wait", "0")
+    assert pg_target.runbook_lock_rows() == []
+
+
+def test_unlock_as_a_user_uses_that_users_permissions(pg_target):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="orders")
+    UserFactory(username="auditor", permissions=["migrations_ops.view_target"])
+    with pytest.raises(CommandError, match="auditor is not allowed to force-release"):
+        ops("--as", "auditor", "unlock", "--target", "orders", "--reason", "x")
+    with pytest.raises(CommandError, match="unknown user 'nobody'"):
+        ops("--as", "nobody", "unlock", "--target", "orders", "--reason", "x")
+    assert len(pg_target.runbook_lock_rows()) == 1
+    assert Operation.objects.count() == 0
+
+
+def test_unlock_as_an_engineer_is_recorded_under_their_name(
+    pg_target, django_capture_on_commit_callbacks
+):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="orders")
+    UserFactory(username="oncall", permissions=ON_CALL_PERMISSIONS)
+    with django_capture_on_commit_callbacks(execute=True):
+        ops("--as", "oncall", "unlock", "--target", "orders", "--reason", "stuck", "--wait", "0")
+    operation = Operation.objects.get()
+    assert operation.requested_by.username == "oncall"
+    assert operation.requested_by_name == "oncall"
+
+
+def test_unlock_without_waiting_leaves_the_operation_queued(pg_target):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="orders")
+    # Inside the test's transaction on-commit never fires: the task is not sent.
+    printed = ops("unlock", "--target", "orders", "--reason", "stuck", "--wait", "0")
+    operation = Operation.objects.get()
+    assert f"operation #{operation.pk} is queued" in printed
+    assert len(pg_target.runbook_lock_rows()) == 1

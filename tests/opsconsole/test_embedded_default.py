@@ -1,0 +1,82 @@
+"""The README's first command: the embedded default (SQLite, tasks in-process, demo data).
+
+Run as real processes, the way a newcomer does, so that ``make run`` cannot rot unnoticed.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def manage(tmp_path):
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_TASK_ALWAYS_EAGER", "SECRET_KEY"}
+    }
+    env.update(DJANGO_SETTINGS_MODULE="opsconsole.settings", OPSCONSOLE_DATA_DIR=str(tmp_path))
+
+    def run(*args, check=True):
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    run.data_dir = tmp_path
+    return run
+
+
+def test_demo_lock_can_be_seen_and_released_on_the_embedded_default(manage):
+    manage("migrate", "--noinput")
+    assert (manage.data_dir / "opsconsole.sqlite3").exists()
+
+    demo = manage("ops", "demo").stdout
+    assert "orders-demo: lock stale: held 20 min by deploy-4521" in demo
+    assert "billing-demo: lock free" in demo
+    assert re.search(r"admin login: username admin  password \S{12,}", demo)
+
+    status = manage("ops", "status", "--target", "orders-demo").stdout
+    assert "lock: stale" in status
+    assert "applied: 3 migration(s), latest 003_add_orders_customer_index.sql" in status
+
+    released = manage("ops", "unlock", "--target", "orders-demo", "--reason", "crashed deploy")
+    assert re.search(r"operation #\d+ succeeded: lock released", released.stdout)
+    assert "lock: free" in manage("ops", "status", "--target", "orders-demo").stdout
+
+    again = manage("ops", "unlock", "--target", "orders-demo", "--reason", "again", check=False)
+    assert again.returncode == 1
+    assert again.stderr.strip() == (
+        "CommandError: the migration lock of orders-demo is not held: nothing to release"
+    )
+
+
+def test_cli_errors_are_one_line_on_stderr_with_a_non_zero_exit(manage):
+    manage("migrate", "--noinput")
+    unknown = manage("ops", "status", "--target", "nope", check=False)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "CommandError: unknown target 'nope'"
+    assert unknown.stdout == ""
+
+    manage(
+        "ops", "register", "--name", "gone", "--url", "postgresql://app:pw-marker@127.0.0.1:1/app",
+        "--convention", "knex", "--environment", "staging",
+    )
+    unreachable = manage("ops", "unlock", "--target", "gone", "--reason", "x", check=False)
+    assert unreachable.returncode == 1
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    assert "cannot connect to target" in unreachable.stderr
+    assert "pw-marker" not in unreachable.stderr + unreachable.stdout
