@@ -3,17 +3,53 @@
 
 from __future__ import annotations
 
+import json
 from functools import wraps
 
 from django.http import JsonResponse
+from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
 
 from migrations_ops import selectors, services
+from migrations_ops.actors import Actor
+from migrations_ops.models import Door
+
+# How each refusal from the services reads over HTTP; anything else is a state conflict.
+ERROR_STATUS = [
+    (services.InvalidRequest, 400, "invalid_request"),
+    (services.PermissionDenied, 403, "forbidden"),
+    (services.TargetNotFound, 404, "unknown_target"),
+    (services.TargetUnavailable, 503, "target_unavailable"),
+    (services.ServiceError, 409, "conflict"),
+]
 
 
 def json_error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+
+
+def service_error(error: services.ServiceError) -> JsonResponse:
+    status, code = next((s, c) for kind, s, c in ERROR_STATUS if isinstance(error, kind))
+    return json_error(status, code, str(error))
+
+
+def allow(method: str):
+    """One HTTP method only, refusing others in JSON like every other error."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapper(request, *args, **kwargs):
+            if request.method != method:
+                response = json_error(
+                    405, "method_not_allowed", f"{request.method} is not allowed here: use {method}"
+                )
+                response["Allow"] = method
+                return response
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
 
 
 def staff_api(permission: str):
@@ -34,7 +70,7 @@ def staff_api(permission: str):
     return decorator
 
 
-@require_GET
+@allow("GET")
 @staff_api("migrations_ops.view_target")
 def migrations_status(request):
     """Each target's lock and applied migrations, read live (``?target=NAME`` for one)."""
@@ -42,7 +78,7 @@ def migrations_status(request):
     try:
         targets = [services.get_target(name)] if name else list(selectors.targets_with_observations())
     except services.TargetNotFound as error:
-        return json_error(404, "unknown_target", str(error))
+        return service_error(error)
     statuses = [services.read_target_status(target) for target in targets]
     return JsonResponse(
         {
@@ -50,3 +86,44 @@ def migrations_status(request):
             "targets": [selectors.status_report(s.target, s.applied, s.error) for s in statuses],
         }
     )
+
+
+@allow("POST")
+@staff_api("migrations_ops.view_target")
+def force_unlock(request, name: str):
+    """Request the release of a target's lock: ``{"reason": "...", "release_fresh": false,
+    "confirm_name": "..."}``. Answers 202 with the operation; poll its ``url``."""
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return json_error(400, "invalid_json", "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return json_error(400, "invalid_json", "the request body must be a JSON object")
+    try:
+        target = services.get_target(name)
+        operation = services.request_force_unlock(
+            actor=Actor.for_user(request.user, Door.API),
+            target=target,
+            reason=str(body.get("reason") or ""),
+            release_fresh=body.get("release_fresh") is True,
+            confirm_name=str(body.get("confirm_name") or ""),
+        )
+    except services.ServiceError as error:
+        return service_error(error)
+    operation = selectors.get_operation(operation.pk)
+    return JsonResponse(
+        {
+            "operation": selectors.operation_report(operation),
+            "url": reverse("migrations_ops_api:operation", args=[operation.pk]),
+        },
+        status=202,
+    )
+
+
+@allow("GET")
+@staff_api("migrations_ops.view_operation")
+def operation_detail(request, operation_id: int):
+    operation = selectors.get_operation(operation_id)
+    if operation is None:
+        return json_error(404, "unknown_operation", f"no operation #{operation_id}")
+    return JsonResponse({"operation": selectors.operation_report(operation)})

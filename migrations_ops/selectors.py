@@ -97,6 +97,34 @@ def status_report(target: Target, applied: list | None, error: str | None) -> di
     }
 
 
+def operation_report(operation: Operation) -> dict[str, Any]:
+    """An operation as the API returns it."""
+
+    def iso(value):
+        return value.isoformat() if value else None
+
+    return {
+        "id": operation.pk,
+        "kind": operation.kind,
+        "target": operation.target.name,
+        "status": operation.status,
+        "finished": operation.is_finished,
+        "requested_by": operation.requested_by_name,
+        "door": operation.door,
+        "reason": operation.reason,
+        "requested_at": iso(operation.requested_at),
+        "started_at": iso(operation.started_at),
+        "finished_at": iso(operation.finished_at),
+        "error": operation.error or None,
+        "result": operation.result,
+        "log": operation.log.splitlines(),
+    }
+
+
+def get_operation(operation_id: int) -> Operation | None:
+    return Operation.objects.select_related("target").filter(pk=operation_id).first()
+
+
 def operations_for_target(target: Target) -> QuerySet[Operation]:
     return Operation.objects.filter(target=target).order_by("-requested_at", "-id")
 

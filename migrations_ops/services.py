@@ -38,12 +38,20 @@ class ServiceError(Exception):
     """A refusal or failure to show the user as it is: one line, no secrets."""
 
 
+class InvalidRequest(ServiceError):
+    """The request itself is incomplete or wrong (a missing reason, a mistyped name)."""
+
+
 class PermissionDenied(ServiceError):
     pass
 
 
 class TargetNotFound(ServiceError):
     pass
+
+
+class TargetUnavailable(ServiceError):
+    """The target could not be read (unreachable, or not a migrations database)."""
 
 
 @dataclass
@@ -220,14 +228,14 @@ def request_force_unlock(
     require_permission(actor, FORCE_UNLOCK_PERMISSION, "force-release migration locks")
     reason = (reason or "").strip()
     if not reason:
-        raise ServiceError("a reason is required to force-release a migration lock")
+        raise InvalidRequest("a reason is required to force-release a migration lock")
     if target.is_production and (confirm_name or "").strip() != target.name:
-        raise ServiceError(
+        raise InvalidRequest(
             f"{target.name} is a production target: type its name to confirm the release"
         )
     status = read_target_status(target, include_applied=False)
     if status.error:
-        raise ServiceError(f"{target.name}: {status.error}")
+        raise TargetUnavailable(f"{target.name}: {status.error}")
     observation = status.observation
     now = timezone.now()
     state = observation.state(now, target.lock_timeout)
@@ -321,10 +329,9 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
         logger.info("operation %s was not queued any more; nothing to do", operation_id)
         return None
     operation = Operation.objects.select_related("target").get(pk=operation_id)
-    runner = {OperationKind.FORCE_UNLOCK: _run_force_unlock}[operation.kind]
     log = [_log_line(f"claimed by {worker or 'in-process'}")]
     try:
-        result = runner(operation, log)
+        result = RUNNERS[operation.kind](operation, log)
     except engine.EngineError as error:
         return _finish(operation, log, OperationStatus.FAILED, error=str(error))
     except Exception as error:
@@ -346,6 +353,9 @@ def _run_force_unlock(operation: Operation, log: list[str]) -> dict:
     log.append(_log_line(f"released the lock; it was: {engine.conventions.describe_rows(before.rows)}"))
     observe_lock(target, after)
     return {"before": before.as_dict(), "after": after.as_dict()}
+
+
+RUNNERS = {OperationKind.FORCE_UNLOCK: _run_force_unlock}
 
 
 def _finish(

@@ -6,4 +6,6 @@ app_name = "migrations_ops_api"
 
 urlpatterns = [
     path("migrations/status", api.migrations_status, name="migrations-status"),
+    path("targets/<slug:name>/force-unlock", api.force_unlock, name="force-unlock"),
+    path("operations/<int:operation_id>", api.operation_detail, name="operation"),
 ]

@@ -85,6 +85,7 @@ STATIC_URL = "static/"
 STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
 
 LOGIN_URL = "admin:login"
+CSRF_FAILURE_VIEW = "opsconsole.views.csrf_failure"
 
 # --- Celery -----------------------------------------------------------------------------------
 # Without REDIS_URL the console needs nothing else running: tasks execute in-process.
