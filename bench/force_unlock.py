@@ -1,6 +1,7 @@
 """How long a force-unlock takes, end to end, through a real Celery worker.
 
-    .venv/bin/python bench/force_unlock.py [--runs N] [--warmup N] [--phases]     (make bench)
+    .venv/bin/python bench/force_unlock.py [--runs N] [--warmup N] [--phases] [--variant NAME]
+    make bench                                          (the same, with the defaults)
 
 Builds everything it needs on the local PostgreSQL and Redis and removes it at the end (also
 on Ctrl-C and errors): a console database, a runbook-convention target database registered as
@@ -12,7 +13,8 @@ by a tight poll on a kept connection; the next run starts once the Operation has
 The baseline is the bare ``DELETE FROM migration_lock`` on an open connection.
 
 ``--phases`` also stamps each step, in this process and in the worker, and prints where the
-end-to-end time goes (see bench/phases.py).
+end-to-end time goes (see bench/phases.py). ``--variant NAME`` (repeatable) applies a candidate
+optimisation in this process and the worker, to measure it first (see bench/variants.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import harness  # noqa: E402 (needs the path above)
 import psycopg  # noqa: E402
+import variants  # noqa: E402
 
 TARGET_P50_MS = 15.0
 TARGET_P99_MS = 50.0
@@ -63,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--phases", action="store_true",
         help="stamp every step in this process and the worker and print the breakdown",
+    )
+    parser.add_argument(
+        "--variant", action="append", default=[], choices=sorted(variants.VARIANTS),
+        help="apply a candidate optimisation (repeatable; see bench/variants.py)",
     )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
     from migrations_ops import services
     from migrations_ops.actors import Actor
 
+    variants.apply(args.variant)  # before phases: its wrappers must wrap the variants
     call_command("migrate", verbosity=0, interactive=False)
     with psycopg.connect(target_url, autocommit=True) as conn:
         for statement in RUNBOOK_BOOKS:
@@ -162,6 +170,9 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
 
         recorder = phases.install_request_side()
         worker_env["BENCH_PHASES_FILE"] = str(phases_file)
+    if args.variant:
+        worker_env[variants.ENV_VAR] = ",".join(args.variant)
+    if args.phases or args.variant:
         entry = (str(BENCH_DIR / "worker_main.py"),)
 
     log_path = workdir / "worker.log"
@@ -172,6 +183,7 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
         psycopg.connect(target_url, autocommit=True) as poller,
     ):
         bench = ForceUnlockBench(services, operator, target, writer, poller, recorder)
+        load_before = os.getloadavg()[0]
         for index in range(args.warmup):
             bench.force_unlock_once(f"warm-up {index}")
         end_to_end = []
@@ -181,11 +193,11 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
             end_to_end.append(result)
             if args.phases:
                 worker = phases.read_worker_record(phases_file, result["operation"])
-                phase_runs.append(phases.phases_of(result["stamps"], result["request"], worker)
-                                  + (result["request"], worker))
+                chain, after = phases.phases_of(result["stamps"], result["request"], worker)
+                phase_runs.append((chain, after, result["request"], worker))
         bare = [bench.bare_delete_once(index) for index in range(args.runs)]
 
-    report(args, end_to_end, bare)
+    report(args, end_to_end, bare, load_before)
     if args.phases:
         report_phases(phase_runs)
     met = meets_target([r["gone"] for r in end_to_end])
@@ -276,11 +288,15 @@ def meets_target(gone: list[float]) -> bool:
     return s["p50"] * 1000 <= TARGET_P50_MS and s["p99"] * 1000 <= TARGET_P99_MS
 
 
-def report(args, end_to_end: list[dict], bare: list[float]) -> None:
+def report(args, end_to_end: list[dict], bare: list[float], load_before: float) -> None:
     gone = [r["gone"] for r in end_to_end]
     print()
     print(f"force-unlock, {args.runs} runs (+{args.warmup} warm-up), PostgreSQL target, "
           f"Celery solo worker on Redis{', phase stamps on' if args.phases else ''}")
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before the runs, "
+          f"{os.getloadavg()[0]:.2f} after (other work on the machine skews the figures)")
+    if args.variant:
+        print(f"variants applied (bench only, not the real code): {', '.join(args.variant)}")
     print(header(""))
     print(row("end to end: request -> lock row gone", gone))
     print(row("  request_force_unlock() returned", [r["returned"] for r in end_to_end]))

@@ -23,17 +23,20 @@ REDIS_SERVER = os.environ.get("BENCH_REDIS_SERVER", "redis://127.0.0.1:6379")
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
+DROP_DATABASE = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+
+
 def create_pg_database(name: str) -> str:
     """Drop ``name`` if it exists, create it empty, and return its URL."""
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(DROP_DATABASE.format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return f"{PG_SERVER}/{name}"
 
 
 def drop_pg_database(name: str) -> None:
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(DROP_DATABASE.format(sql.Identifier(name)))
 
 
 # --- Redis -------------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def install_worker_side(path: Path) -> None:
     @signals.task_postrun.connect(weak=False)
     def postrun(args=(), **kwargs):
         RECORDER.mark("postrun")
-        out.write(json.dumps({"operation": args[0] if args else None, **RECORDER.snapshot()}) + "\n")
+        record = {"operation": args[0] if args else None, **RECORDER.snapshot()}
+        out.write(json.dumps(record) + "\n")
 
 
 def read_worker_record(path: Path, operation_id: int, timeout: float = 10) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""``celery`` with the bench's phase stamps: ``python bench/worker_main.py -A opsconsole worker ...``
+"""``celery``, plus the bench's variants and phase stamps:
 
-Used only by ``force_unlock.py --phases``; a plain run starts ``python -m celery`` itself.
-BENCH_PHASES_FILE names the file the stamps go to.
+    python bench/worker_main.py -A opsconsole worker ...
+
+Used by ``force_unlock.py --phases`` / ``--variant``; a plain run starts ``python -m celery``.
+BENCH_VARIANTS lists the variants to apply; BENCH_PHASES_FILE names the file for the stamps.
 """
 
 import os
@@ -18,8 +20,11 @@ def main() -> None:
     django.setup()
 
     import phases
+    import variants
 
-    phases.install_worker_side(Path(os.environ["BENCH_PHASES_FILE"]))
+    variants.apply(variants.from_environment())  # first: the phase wrappers wrap the variants
+    if os.environ.get("BENCH_PHASES_FILE"):
+        phases.install_worker_side(Path(os.environ["BENCH_PHASES_FILE"]))
 
     from celery.__main__ import main as celery_main
 

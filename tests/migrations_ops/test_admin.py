@@ -68,7 +68,8 @@ def changelist_row(response, name: str) -> str:
 
 
 def cell(markup: str, css_class: str) -> str:
-    found = re.search(rf'<t[dh][^>]*class="[^"]*{css_class}[^"]*"[^>]*>(.*?)</t[dh]>', markup, re.DOTALL)
+    pattern = rf'<t[dh][^>]*class="[^"]*{css_class}[^"]*"[^>]*>(.*?)</t[dh]>'
+    found = re.search(pattern, markup, re.DOTALL)
     assert found, f"no {css_class} cell"
     return found.group(1)
 
@@ -169,7 +170,8 @@ def test_confirmation_page_shows_the_lock_as_it_is_now(oncall, pg_target):
     page = text(body(response))
     assert "stale: held 20 min by deploy-7f3a (pid 4121)" in page
     assert "Holder deploy-7f3a (pid 4121)" in page
-    assert f"Held since {locked_at.astimezone(dt.UTC).isoformat()} UTC (as stored by the target)" in page
+    since = locked_at.astimezone(dt.UTC).isoformat()
+    assert f"Held since {since} UTC (as stored by the target)" in page
     assert "Lock timeout 60 s" in page
     assert 'value="Release the lock"' in body(response)
 
@@ -184,7 +186,7 @@ def test_confirmation_page_for_knex_says_the_time_is_when_first_seen_held(oncall
     assert "Held since" in page
     assert "when the console first saw it held: the lock table keeps no time" in page
     assert "(first seen held; the table keeps no time)" in page
-    assert "Holder" not in page  # Knex keeps no holder
+    assert "<th>Holder</th>" not in body(response)  # Knex keeps no holder
 
 
 # --- releasing -------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def test_staff_without_the_force_unlock_permission_cannot_release(
     action = client.post(
         reverse(CHANGELIST), {"action": "force_unlock", "_selected_action": [target.pk]}
     )
-    assert action["Location"] != confirm_url(target)
+    assert (action.status_code, action["Location"]) == (302, reverse(CHANGELIST))
 
     assert Operation.objects.count() == 0
     assert len(pg_target.runbook_lock_rows()) == 1
@@ -356,13 +358,14 @@ def test_the_connection_password_never_appears_in_admin_pages(
         {"action": "refresh_status", "_selected_action": [target.pk]},
         follow=True,
     )
-    pages["change form"] = client.get(reverse("admin:migrations_ops_target_change", args=[target.pk]))
+    change_url = reverse("admin:migrations_ops_target_change", args=[target.pk])
+    pages["change form"] = client.get(change_url)
     pages["confirmation"] = client.get(confirm_url(target))
     with django_capture_on_commit_callbacks(execute=True):
         released = client.post(confirm_url(target), {"reason": "stuck"}, follow=True)
     pages["operation"] = released
     pages["edit target"] = client.post(
-        reverse("admin:migrations_ops_target_change", args=[target.pk]),
+        change_url,
         {"name": "orders-staging", "environment": "staging", "convention": "runbook",
          "connection_url": "", "schema": pg_target.schema, "lock_timeout_seconds": "90"},
         follow=True,
@@ -381,7 +384,8 @@ def test_the_connection_password_never_appears_in_admin_pages(
     assert pg_target.runbook_lock_rows() == []
     assert "postgres:***@127.0.0.1:5432" in body(pages["change form"])
     assert "deploy-42" in body(pages["confirmation"])
-    assert {"audit operation.requested", "audit operation.succeeded", "audit target.changed"} <= set(pages)
+    audit_pages = {"audit operation.requested", "audit operation.succeeded", "audit target.changed"}
+    assert audit_pages <= set(pages)
     for page, response in pages.items():
         assert response.status_code == 200, page
         assert marker not in body(response), f"the password shows on the {page} page"
