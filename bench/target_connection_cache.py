@@ -40,18 +40,24 @@ class ConnectionCache:
       replaced by a new connection, so a restarted target costs a reconnect, not a failure.
     - It is keyed by everything that shapes the session (URL, schema, timeouts), so a changed
       URL or schema never reuses an old session.
-    - At most ``max_idle`` connections stay open in all, each at most ``max_idle_seconds``;
-      older ones are closed the next time the cache is used.
+    - At most ``max_idle`` connections stay open in all. One idle longer than
+      ``max_idle_seconds``, or opened more than ``max_lifetime`` seconds ago, is closed rather
+      than reused, so a failover or a changed password is followed within that time even if
+      the old server keeps answering. (Closing is lazy: when the cache is next used.)
     - After a fork the child forgets the parent's connections without closing them (closing
       would end the parent's sessions too).
     - SQLite files are opened anew every time, as before: that costs microseconds.
     """
 
-    def __init__(self, *, max_idle: int = 8, max_idle_seconds: float = 60.0):
+    def __init__(
+        self, *, max_idle: int = 8, max_idle_seconds: float = 60.0, max_lifetime: float = 300.0
+    ):
         self.max_idle = max_idle
         self.max_idle_seconds = max_idle_seconds
+        self.max_lifetime = max_lifetime
         self._lock = threading.Lock()
-        self._idle: list[tuple[tuple, float, TargetConnection]] = []  # oldest first
+        # (key, opened at, idle since, connection), the longest idle first
+        self._idle: list[tuple[tuple, float, float, TargetConnection]] = []
         self._pid = os.getpid()
 
     @contextlib.contextmanager
@@ -63,14 +69,17 @@ class ConnectionCache:
         connect_timeout: int = 5,
         statement_timeout: int = 10,
     ) -> Iterator[TargetConnection]:
+        key = None
         if dialect_of(url) != "postgresql":
             connection = _connect_sqlite(url, schema, statement_timeout)
-            key = None
         else:
             key = (url, schema or None, connect_timeout, statement_timeout)
-            connection = self._take(key) or _connect_postgresql(
-                url, schema, connect_timeout, statement_timeout
-            )
+            taken = self._take(key)
+            if taken is None:
+                opened_at = time.monotonic()
+                connection = _connect_postgresql(url, schema, connect_timeout, statement_timeout)
+            else:
+                opened_at, connection = taken
         clean = False
         try:
             yield connection
@@ -81,7 +90,7 @@ class ConnectionCache:
             ) from None
         finally:
             if clean and key is not None and _reusable(connection):
-                self._give_back(key, connection)
+                self._give_back(key, opened_at, connection)
             else:
                 connection.close()
 
@@ -89,33 +98,34 @@ class ConnectionCache:
         """Close every idle connection (at shutdown, or in tests)."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for _, _, connection in idle:
+        for *_, connection in idle:
             connection.close()
 
     # --- internals -----------------------------------------------------------------------------
-    def _take(self, key: tuple) -> TargetConnection | None:
+    def _take(self, key: tuple) -> tuple[float, TargetConnection] | None:
         while True:
             with self._lock:
                 expired = self._expire_locked()
                 found = None
-                for index in range(len(self._idle) - 1, -1, -1):  # newest first
+                for index in range(len(self._idle) - 1, -1, -1):  # the most recently used first
                     if self._idle[index][0] == key:
-                        found = self._idle.pop(index)[2]
+                        _, opened_at, _, connection = self._idle.pop(index)
+                        found = (opened_at, connection)
                         break
             for connection in expired:
                 connection.close()
             if found is None:
                 return None
-            if _alive(found):
+            if _alive(found[1]):
                 return found
-            found.close()
+            found[1].close()
 
-    def _give_back(self, key: tuple, connection: TargetConnection) -> None:
+    def _give_back(self, key: tuple, opened_at: float, connection: TargetConnection) -> None:
         with self._lock:
             expired = self._expire_locked()
-            self._idle.append((key, time.monotonic(), connection))
+            self._idle.append((key, opened_at, time.monotonic(), connection))
             while len(self._idle) > self.max_idle:
-                expired.append(self._idle.pop(0)[2])
+                expired.append(self._idle.pop(0)[3])
         for old in expired:
             old.close()
 
@@ -123,9 +133,16 @@ class ConnectionCache:
         if os.getpid() != self._pid:  # a forked child: the sockets are the parent's
             self._idle, self._pid = [], os.getpid()
             return []
-        deadline = time.monotonic() - self.max_idle_seconds
-        expired = [connection for _, since, connection in self._idle if since < deadline]
-        self._idle = [entry for entry in self._idle if entry[1] >= deadline]
+        now = time.monotonic()
+        keep, expired = [], []
+        for entry in self._idle:
+            _, opened_at, idle_since, connection = entry
+            too_old = now - opened_at > self.max_lifetime
+            if too_old or now - idle_since > self.max_idle_seconds:
+                expired.append(connection)
+            else:
+                keep.append(entry)
+        self._idle = keep
         return expired
 
 
