@@ -250,12 +250,17 @@ def unreachable_broker():
         task_publish_retry=False,
         broker_connection_retry=False,
     )
-    app.pool.force_close_all()
-    app._pool = None
+    reset_broker_connections(app)
     yield
     app.conf.update(saved)
-    app.pool.force_close_all()
+    reset_broker_connections(app)
+
+
+def reset_broker_connections(app):
+    """Forget the app's pools so the next send dials ``broker_url``. They are not closed: kombu
+    shares them process-wide, keyed by URL, and the good one is wanted again afterwards."""
     app._pool = None
+    app.amqp._producer_pool = None
 
 
 def test_broker_down_keeps_the_operation_queued(pg_target, engineer, unreachable_broker):
