@@ -20,6 +20,7 @@ optimisation in this process and the worker, to measure it first (see bench/vari
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -188,8 +189,9 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
         psycopg.connect(target_url, autocommit=True) as writer,
         psycopg.connect(target_url, autocommit=True) as poller,
     ):
+        gc_pauses = GcPauses()
         bench = ForceUnlockBench(services, operator, target, writer, poller, recorder,
-                                 poll_sleep=args.poll_interval_ms / 1000)
+                                 poll_sleep=args.poll_interval_ms / 1000, gc_pauses=gc_pauses)
         load_before = os.getloadavg()[0]
         for index in range(args.warmup):
             bench.force_unlock_once(f"warm-up {index}")
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
                 chain, after = phases.phases_of(result["stamps"], result["request"], worker)
                 phase_runs.append((chain, after, result["request"], worker))
         bare = [bench.bare_delete_once(index) for index in range(args.runs)]
+        gc_pauses.stop()
 
     report(args, end_to_end, bare, load_before)
     if args.raw:
@@ -213,8 +216,32 @@ def run(args: argparse.Namespace, env: dict[str, str], target_url: str, queue: s
     return 0 if met else 1
 
 
+class GcPauses:
+    """Garbage-collector pauses in this process (a full collection after Django's start-up
+    and ``migrate`` can take tens of milliseconds and land inside a timed run)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started: float | None = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+            self._started = None
+
+    def reset(self) -> None:
+        self.pauses.clear()
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 class ForceUnlockBench:
-    def __init__(self, services, operator, target, writer, poller, recorder, *, poll_sleep):
+    def __init__(self, services, operator, target, writer, poller, recorder, *, poll_sleep,
+                 gc_pauses):
         from migrations_ops.models import ACTIVE_STATUSES, Operation, OperationStatus
 
         self.services = services
@@ -224,6 +251,7 @@ class ForceUnlockBench:
         self.poll_cursor = poller.cursor()
         self.recorder = recorder
         self.poll_sleep = poll_sleep
+        self.gc_pauses = gc_pauses
         self.Operation = Operation
         self.active = set(ACTIVE_STATUSES)
         self.succeeded = OperationStatus.SUCCEEDED
@@ -236,6 +264,7 @@ class ForceUnlockBench:
         self.writer.execute(TAKE_STALE_LOCK, (f"bench {label}",))
         if self.recorder is not None:
             self.recorder.reset()
+        self.gc_pauses.reset()
         start = time.perf_counter()
         operation = self.services.request_force_unlock(
             actor=self.operator, target=self.target, reason=f"bench {label}"
@@ -246,6 +275,7 @@ class ForceUnlockBench:
                 raise RuntimeError(f"{label}: the lock is still held after {RUN_TIMEOUT} s")
             time.sleep(self.poll_sleep)
         gone = time.perf_counter()
+        gc_in_run = list(self.gc_pauses.pauses)
         request = self.recorder.snapshot() if self.recorder is not None else None
         status = self.wait_until_finished(operation.pk, start, label)
         done = time.perf_counter()
@@ -255,6 +285,7 @@ class ForceUnlockBench:
         return {
             "operation": operation.pk,
             "returned": returned - start,
+            "gc": gc_in_run,
             "gone": gone - start,
             "done": done - start,
             "stamps": {"start": start, "gone": gone, "done": done},
@@ -313,6 +344,10 @@ def report(args, end_to_end: list[dict], bare: list[float], load_before: float) 
     print(row("  request_force_unlock() returned", [r["returned"] for r in end_to_end]))
     print(row("  Operation seen succeeded", [r["done"] for r in end_to_end]))
     print(row("bare DELETE FROM migration_lock", bare))
+    collections = [pause for r in end_to_end for pause in r["gc"]]
+    full = [seconds for generation, seconds in collections if generation == 2]
+    print(f"garbage collections inside timed runs (this process): {len(collections)}, "
+          f"{len(full)} full" + (f", longest full {max(full) * 1000:.1f} ms" if full else ""))
     s = harness.summary(gone)
     met = meets_target(gone)
     print(f"target: p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms -> "
@@ -322,7 +357,7 @@ def report(args, end_to_end: list[dict], bare: list[float], load_before: float) 
 
 def write_raw(path: Path, end_to_end: list[dict], bare: list[float], phase_runs: list) -> None:
     runs = [
-        {key: result[key] for key in ("operation", "returned", "gone", "done")}
+        {key: result[key] for key in ("operation", "returned", "gone", "done", "gc")}
         | ({"phases": dict(phase_runs[index][0] + phase_runs[index][1])} if phase_runs else {})
         for index, result in enumerate(end_to_end)
     ]

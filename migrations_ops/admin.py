@@ -44,8 +44,14 @@ class TargetAdmin(admin.ModelAdmin):
     actions = ["force_unlock", "refresh_status"]
 
     def get_fields(self, request, obj=None):
-        fields = ["name", "environment", "convention", "connection_url", "schema",
-                  "lock_timeout_seconds"]
+        fields = [
+            "name",
+            "environment",
+            "convention",
+            "connection_url",
+            "schema",
+            "lock_timeout_seconds",
+        ]
         if obj is not None:
             fields[3:3] = ["masked_url"]
             fields += ["lock_column", "created_at", "updated_at"]
@@ -69,7 +75,8 @@ class TargetAdmin(admin.ModelAdmin):
         observation = selectors.observation_of(obj)
         if observation is None or observation.observed_at is None:
             return "never"
-        return f"{selectors.humanize_seconds((timezone.now() - observation.observed_at).total_seconds())} ago"
+        seconds = (timezone.now() - observation.observed_at).total_seconds()
+        return f"{selectors.humanize_seconds(seconds)} ago"
 
     def save_model(self, request, obj, form, change):
         services.save_target(
@@ -85,7 +92,9 @@ class TargetAdmin(admin.ModelAdmin):
     @admin.action(description="Force-release migration lock", permissions=["force_unlock"])
     def force_unlock(self, request, queryset):
         if queryset.count() != 1:
-            self.message_user(request, "Select exactly one target to release its lock.", messages.ERROR)
+            self.message_user(
+                request, "Select exactly one target to release its lock.", messages.ERROR
+            )
             return None
         return redirect("admin:migrations_ops_target_force_unlock", queryset.get().pk)
 
@@ -161,17 +170,39 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Operation)
 class OperationAdmin(ReadOnlyAdmin):
-    list_display = ["id", "kind", "target", "status", "requested_by_name", "door",
-                    "requested_at", "duration"]
+    list_display = [
+        "id",
+        "kind",
+        "target",
+        "status",
+        "requested_by_name",
+        "door",
+        "requested_at",
+        "duration",
+    ]
     list_filter = ["status", "kind", "door", "target"]
     search_fields = ["target__name", "requested_by_name", "reason"]
     list_select_related = ["target"]
     date_hierarchy = "requested_at"
     show_full_result_count = False
     change_form_template = "admin/migrations_ops/operation/change_form.html"
-    fields = ["kind", "target", "status", "requested_by_name", "door", "reason", "requested_at",
-              "started_at", "finished_at", "duration", "worker", "error", "result_display",
-              "params_display", "log"]
+    fields = [
+        "kind",
+        "target",
+        "status",
+        "requested_by_name",
+        "door",
+        "reason",
+        "requested_at",
+        "started_at",
+        "finished_at",
+        "duration",
+        "worker",
+        "error",
+        "result_display",
+        "params_display",
+        "log",
+    ]
     readonly_fields = fields
 
     @admin.display(description="Result (before / after)")
@@ -200,8 +231,15 @@ class AuditEventAdmin(ReadOnlyAdmin):
     search_fields = ["actor_name", "target_name", "action"]
     date_hierarchy = "created_at"
     show_full_result_count = False
-    fields = ["created_at", "actor_name", "door", "action", "target_name", "operation",
-              "details_display"]
+    fields = [
+        "created_at",
+        "actor_name",
+        "door",
+        "action",
+        "target_name",
+        "operation",
+        "details_display",
+    ]
     readonly_fields = fields
 
     @admin.display(description="Details")

@@ -76,7 +76,9 @@ def migrations_status(request):
     """Each target's lock and applied migrations, read live (``?target=NAME`` for one)."""
     name = request.GET.get("target")
     try:
-        targets = [services.get_target(name)] if name else list(selectors.targets_with_observations())
+        targets = (
+            [services.get_target(name)] if name else list(selectors.targets_with_observations())
+        )
     except services.TargetNotFound as error:
         return service_error(error)
     statuses = [services.read_target_status(target) for target in targets]

@@ -56,7 +56,9 @@ def _write_runbook_database(path: Path, lock: tuple[str, dt.datetime] | None) ->
     path.unlink(missing_ok=True)
     connection = sqlite3.connect(path)
     with connection:
-        connection.execute("CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMP)")
+        connection.execute(
+            "CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMP)"
+        )
         connection.execute(
             "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY CHECK (id = 1), "
             "locked_at TIMESTAMP NOT NULL, locked_by TEXT)"

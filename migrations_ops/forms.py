@@ -17,8 +17,14 @@ class TargetForm(forms.ModelForm):
 
     class Meta:
         model = Target
-        fields = ["name", "environment", "convention", "connection_url", "schema",
-                  "lock_timeout_seconds"]
+        fields = [
+            "name",
+            "environment",
+            "convention",
+            "connection_url",
+            "schema",
+            "lock_timeout_seconds",
+        ]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

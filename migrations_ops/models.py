@@ -123,7 +123,8 @@ class LockObservation(models.Model):
 
     @property
     def since_source(self) -> str | None:
-        """``"target"`` when the target stores the time, ``"first_seen"`` when the console guesses."""
+        """``"target"`` when the target stores the time; ``"first_seen"`` when the console
+        only knows when it first saw the lock held."""
         if not self.held:
             return None
         return "target" if self.locked_at else "first_seen"

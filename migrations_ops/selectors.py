@@ -66,7 +66,11 @@ def describe_lock(report: dict[str, Any]) -> str:
         return "free"
     age = humanize_seconds(report["age_seconds"])
     holder = f" by {report['holder']}" if report["holder"] else ""
-    guessed = " (first seen held; the table keeps no time)" if report["since_source"] == "first_seen" else ""
+    guessed = (
+        " (first seen held; the table keeps no time)"
+        if report["since_source"] == "first_seen"
+        else ""
+    )
     return f"{report['state']}: held {age}{holder}{guessed}"
 
 

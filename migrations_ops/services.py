@@ -123,7 +123,12 @@ def register_target(
 
 
 TARGET_FIELDS = [
-    "name", "environment", "convention", "connection_url", "schema", "lock_timeout_seconds"
+    "name",
+    "environment",
+    "convention",
+    "connection_url",
+    "schema",
+    "lock_timeout_seconds",
 ]
 
 
@@ -350,7 +355,9 @@ def _run_force_unlock(operation: Operation, log: list[str]) -> dict:
         before, after = convention.release_lock(
             connection, expected_rows=operation.params.get("expected_rows")
         )
-    log.append(_log_line(f"released the lock; it was: {engine.conventions.describe_rows(before.rows)}"))
+    log.append(
+        _log_line(f"released the lock; it was: {engine.conventions.describe_rows(before.rows)}")
+    )
     observe_lock(target, after)
     return {"before": before.as_dict(), "after": after.as_dict()}
 

@@ -37,7 +37,9 @@ def sqlite_target(tmp_path):
 @pytest.fixture(params=["postgresql", "sqlite"])
 def any_target(request):
     """The same test against a PostgreSQL target and a SQLite target."""
-    return request.getfixturevalue("pg_target" if request.param == "postgresql" else "sqlite_target")
+    return request.getfixturevalue(
+        "pg_target" if request.param == "postgresql" else "sqlite_target"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,8 @@ class TargetFactory(factory.django.DjangoModelFactory):
     name = factory.Sequence(lambda n: f"target-{n}")
     environment = Environment.STAGING
     convention = "runbook"
-    connection_url = factory.LazyAttribute(lambda o: o.db.url if o.db else "sqlite:////nonexistent.sqlite3")
+    connection_url = factory.LazyAttribute(
+        lambda o: o.db.url if o.db else "sqlite:////nonexistent.sqlite3"
+    )
     schema = factory.LazyAttribute(lambda o: (o.db.schema or "") if o.db else "")
     lock_timeout_seconds = 60

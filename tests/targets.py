@@ -32,7 +32,9 @@ class TargetDB:
         if self.dialect == "postgresql":
             with psycopg.connect(self.url, autocommit=True) as conn:
                 if self.schema:
-                    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+                    conn.execute(
+                        sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
+                    )
                 with conn.cursor() as cur:
                     yield cur
         else:
@@ -83,7 +85,9 @@ class TargetDB:
                 (filename, self._ts(applied_at)),
             )
         if lock_age is not None:
-            self.take_runbook_lock(lock_age=lock_age, locked_by=locked_by, with_locked_at=with_locked_at)
+            self.take_runbook_lock(
+                lock_age=lock_age, locked_by=locked_by, with_locked_at=with_locked_at
+            )
 
     def take_runbook_lock(
         self,
@@ -114,7 +118,7 @@ class TargetDB:
             f"batch INTEGER, migration_time {self.timestamp_type})"
         )
         self.execute(
-            f"CREATE TABLE knex_migrations_lock (\"index\" {serial} PRIMARY KEY, is_locked INTEGER)"
+            f'CREATE TABLE knex_migrations_lock ("index" {serial} PRIMARY KEY, is_locked INTEGER)'
         )
         self.execute("INSERT INTO knex_migrations_lock (is_locked) VALUES (%s)", (int(locked),))
         now = dt.datetime.now(dt.UTC)
@@ -137,14 +141,18 @@ class TargetDB:
 
 def create_pg_database(name: str) -> str:
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return f"{PG_SERVER}/{name}"
 
 
 def drop_pg_database(name: str) -> None:
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def new_pg_schema(database_url: str) -> TargetDB:
@@ -156,7 +164,9 @@ def new_pg_schema(database_url: str) -> TargetDB:
 
 def drop_pg_schema(target: TargetDB) -> None:
     with psycopg.connect(target.url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(target.schema)))
+        conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(target.schema))
+        )
 
 
 def new_sqlite_target(directory: Path) -> TargetDB:

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def database_url(db: dict) -> str:
     user = db.get("USER") or "postgres"
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-    return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+    host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
+    return f"postgres://{user}{password}@{host}/{db['NAME']}"
 
 
 @contextlib.contextmanager
@@ -32,9 +33,25 @@ def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Pa
     }
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "opsconsole", "worker", "--pool", "solo",
-             "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--loglevel", "INFO", "--queues", queue, "--hostname", f"test-{queue}@%h"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "opsconsole",
+                "worker",
+                "--pool",
+                "solo",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "INFO",
+                "--queues",
+                queue,
+                "--hostname",
+                f"test-{queue}@%h",
+            ],
             cwd=ROOT,
             env=env,
             stdout=log,

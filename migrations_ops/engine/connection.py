@@ -65,7 +65,9 @@ class TargetConnection:
     def table_exists(self, table: str) -> bool:
         if self.dialect == "postgresql":
             # to_regclass resolves through search_path, i.e. the target's schema.
-            rows = self.fetch_dicts("SELECT to_regclass(%s) IS NOT NULL AS found", [self.quote(table)])
+            rows = self.fetch_dicts(
+                "SELECT to_regclass(%s) IS NOT NULL AS found", [self.quote(table)]
+            )
             return bool(rows[0]["found"])
         rows = self.fetch_dicts(
             "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = ?", [table]

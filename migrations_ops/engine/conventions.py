@@ -112,7 +112,9 @@ class Convention:
         if not held_rows:
             return LockState(held=False, rows=rows)
         locked_at = self.locked_at(held_rows[0])
-        return LockState(held=True, rows=rows, locked_at=locked_at, holder=self.holder(held_rows[0]))
+        return LockState(
+            held=True, rows=rows, locked_at=locked_at, holder=self.holder(held_rows[0])
+        )
 
     def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
         raise NotImplementedError
@@ -173,7 +175,9 @@ class RunbookConvention(Convention):
         rows = connection.fetch_dicts(
             f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename"  # noqa: S608
         )
-        return [AppliedMigration(str(r["filename"]), parse_timestamp(r["applied_at"])) for r in rows]
+        return [
+            AppliedMigration(str(r["filename"]), parse_timestamp(r["applied_at"])) for r in rows
+        ]
 
     def row_holds_lock(self, row: dict[str, Any]) -> bool:
         return True

@@ -3,13 +3,13 @@
 import django.core.validators
 import django.db.models.deletion
 import django.utils.timezone
-import migrations_ops.models
 from django.conf import settings
 from django.db import migrations, models
 
+import migrations_ops.models
+
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -18,85 +18,264 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Target',
+            name="Target",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=100, unique=True)),
-                ('environment', models.CharField(choices=[('production', 'Production'), ('staging', 'Staging'), ('development', 'Development'), ('sandbox', 'Sandbox')], max_length=20)),
-                ('connection_url', models.TextField(validators=[migrations_ops.models.validate_target_url])),
-                ('convention', models.CharField(choices=[('runbook', 'Runbook (migrations + migration_lock)'), ('knex', 'Knex (knex_migrations + knex_migrations_lock)')], max_length=20)),
-                ('schema', models.CharField(blank=True, help_text='PostgreSQL schema holding the books (optional).', max_length=63)),
-                ('lock_timeout_seconds', models.PositiveIntegerField(default=60, help_text='MIGRATION_LOCK_TIMEOUT: a lock held longer than this is stale.', validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(86400)])),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField(max_length=100, unique=True)),
+                (
+                    "environment",
+                    models.CharField(
+                        choices=[
+                            ("production", "Production"),
+                            ("staging", "Staging"),
+                            ("development", "Development"),
+                            ("sandbox", "Sandbox"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "connection_url",
+                    models.TextField(validators=[migrations_ops.models.validate_target_url]),
+                ),
+                (
+                    "convention",
+                    models.CharField(
+                        choices=[
+                            ("runbook", "Runbook (migrations + migration_lock)"),
+                            ("knex", "Knex (knex_migrations + knex_migrations_lock)"),
+                        ],
+                        max_length=20,
+                    ),
+                ),
+                (
+                    "schema",
+                    models.CharField(
+                        blank=True,
+                        help_text="PostgreSQL schema holding the books (optional).",
+                        max_length=63,
+                    ),
+                ),
+                (
+                    "lock_timeout_seconds",
+                    models.PositiveIntegerField(
+                        default=60,
+                        help_text="MIGRATION_LOCK_TIMEOUT: a lock held longer than this is stale.",
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(86400),
+                        ],
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'ordering': ['name'],
-                'permissions': [('force_unlock_target', "Can force-release a target's migration lock")],
+                "ordering": ["name"],
+                "permissions": [
+                    ("force_unlock_target", "Can force-release a target's migration lock")
+                ],
             },
         ),
         migrations.CreateModel(
-            name='LockObservation',
+            name="LockObservation",
             fields=[
-                ('target', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, primary_key=True, related_name='lock_observation', serialize=False, to='migrations_ops.target')),
-                ('held', models.BooleanField(help_text='None until the first successful read.', null=True)),
-                ('holder', models.TextField(blank=True)),
-                ('rows', models.JSONField(blank=True, default=list)),
-                ('locked_at', models.DateTimeField(blank=True, help_text='As stored by the target.', null=True)),
-                ('first_seen_held_at', models.DateTimeField(blank=True, null=True)),
-                ('observed_at', models.DateTimeField(blank=True, null=True)),
-                ('error', models.TextField(blank=True, help_text='Why the last read failed, if it did.')),
+                (
+                    "target",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        primary_key=True,
+                        related_name="lock_observation",
+                        serialize=False,
+                        to="migrations_ops.target",
+                    ),
+                ),
+                (
+                    "held",
+                    models.BooleanField(
+                        help_text="None until the first successful read.", null=True
+                    ),
+                ),
+                ("holder", models.TextField(blank=True)),
+                ("rows", models.JSONField(blank=True, default=list)),
+                (
+                    "locked_at",
+                    models.DateTimeField(
+                        blank=True, help_text="As stored by the target.", null=True
+                    ),
+                ),
+                ("first_seen_held_at", models.DateTimeField(blank=True, null=True)),
+                ("observed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "error",
+                    models.TextField(blank=True, help_text="Why the last read failed, if it did."),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Operation',
+            name="Operation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('force_unlock', 'Force-release migration lock')], max_length=30)),
-                ('status', models.CharField(choices=[('awaiting_approval', 'Awaiting approval'), ('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('lost', 'Lost'), ('cancelled', 'Cancelled')], default='queued', max_length=20)),
-                ('requested_by_name', models.CharField(max_length=150)),
-                ('door', models.CharField(choices=[('admin', 'Admin'), ('cli', 'CLI'), ('api', 'API'), ('task', 'Task')], max_length=10)),
-                ('reason', models.TextField()),
-                ('params', models.JSONField(blank=True, default=dict)),
-                ('requested_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('heartbeat_at', models.DateTimeField(blank=True, null=True)),
-                ('worker', models.CharField(blank=True, max_length=200)),
-                ('log', models.TextField(blank=True)),
-                ('result', models.JSONField(blank=True, default=dict)),
-                ('error', models.TextField(blank=True)),
-                ('requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('target', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='operations', to='migrations_ops.target')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[("force_unlock", "Force-release migration lock")], max_length=30
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("awaiting_approval", "Awaiting approval"),
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("lost", "Lost"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=20,
+                    ),
+                ),
+                ("requested_by_name", models.CharField(max_length=150)),
+                (
+                    "door",
+                    models.CharField(
+                        choices=[
+                            ("admin", "Admin"),
+                            ("cli", "CLI"),
+                            ("api", "API"),
+                            ("task", "Task"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("reason", models.TextField()),
+                ("params", models.JSONField(blank=True, default=dict)),
+                (
+                    "requested_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("heartbeat_at", models.DateTimeField(blank=True, null=True)),
+                ("worker", models.CharField(blank=True, max_length=200)),
+                ("log", models.TextField(blank=True)),
+                ("result", models.JSONField(blank=True, default=dict)),
+                ("error", models.TextField(blank=True)),
+                (
+                    "requested_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "target",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="operations",
+                        to="migrations_ops.target",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-requested_at', '-id'],
+                "ordering": ["-requested_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='AuditEvent',
+            name="AuditEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('actor_name', models.CharField(max_length=150)),
-                ('door', models.CharField(choices=[('admin', 'Admin'), ('cli', 'CLI'), ('api', 'API'), ('task', 'Task')], max_length=10)),
-                ('action', models.CharField(db_index=True, max_length=60)),
-                ('target_name', models.CharField(blank=True, max_length=100)),
-                ('details', models.JSONField(blank=True, default=dict)),
-                ('actor', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('target', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='+', to='migrations_ops.target')),
-                ('operation', models.ForeignKey(blank=True, db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='audit_events', to='migrations_ops.operation')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, default=django.utils.timezone.now),
+                ),
+                ("actor_name", models.CharField(max_length=150)),
+                (
+                    "door",
+                    models.CharField(
+                        choices=[
+                            ("admin", "Admin"),
+                            ("cli", "CLI"),
+                            ("api", "API"),
+                            ("task", "Task"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                ("action", models.CharField(db_index=True, max_length=60)),
+                ("target_name", models.CharField(blank=True, max_length=100)),
+                ("details", models.JSONField(blank=True, default=dict)),
+                (
+                    "actor",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "target",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="+",
+                        to="migrations_ops.target",
+                    ),
+                ),
+                (
+                    "operation",
+                    models.ForeignKey(
+                        blank=True,
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="audit_events",
+                        to="migrations_ops.operation",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddIndex(
-            model_name='operation',
-            index=models.Index(fields=['status', 'requested_at'], name='migrations__status_295181_idx'),
+            model_name="operation",
+            index=models.Index(
+                fields=["status", "requested_at"], name="migrations__status_295181_idx"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='operation',
-            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ('awaiting_approval', 'queued', 'running'))), fields=('target',), name='one_active_operation_per_target'),
+            model_name="operation",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("status__in", ("awaiting_approval", "queued", "running"))),
+                fields=("target",),
+                name="one_active_operation_per_target",
+            ),
         ),
     ]

@@ -190,9 +190,7 @@ def test_confirmation_page_for_knex_says_the_time_is_when_first_seen_held(oncall
 
 
 # --- releasing -------------------------------------------------------------------------------
-def test_releasing_a_stale_lock(
-    any_target, oncall, engineer, django_capture_on_commit_callbacks
-):
+def test_releasing_a_stale_lock(any_target, oncall, engineer, django_capture_on_commit_callbacks):
     any_target.create_runbook_books(lock_age=STALE, locked_by="deploy-42")
     target = TargetFactory(db=any_target)
 
@@ -247,8 +245,11 @@ def test_a_fresh_lock_is_refused_unless_release_fresh_is_ticked(
     assert len(pg_target.runbook_lock_rows()) == 1
 
     released = release(
-        oncall, target, django_capture_on_commit_callbacks,
-        reason="holder pod was evicted", release_fresh="on",
+        oncall,
+        target,
+        django_capture_on_commit_callbacks,
+        reason="holder pod was evicted",
+        release_fresh="on",
     )
 
     operation = Operation.objects.get(target=target)
@@ -265,8 +266,11 @@ def test_production_needs_its_name_typed(oncall, pg_target, django_capture_on_co
 
     missing = release(oncall, target, django_capture_on_commit_callbacks, reason="stuck")
     wrong = release(
-        oncall, target, django_capture_on_commit_callbacks,
-        reason="stuck", confirm_name="orders-staging",
+        oncall,
+        target,
+        django_capture_on_commit_callbacks,
+        reason="stuck",
+        confirm_name="orders-staging",
     )
 
     assert missing.status_code == 200
@@ -277,8 +281,11 @@ def test_production_needs_its_name_typed(oncall, pg_target, django_capture_on_co
     assert len(pg_target.runbook_lock_rows()) == 1
 
     right = release(
-        oncall, target, django_capture_on_commit_callbacks,
-        reason="stuck", confirm_name="orders-prod",
+        oncall,
+        target,
+        django_capture_on_commit_callbacks,
+        reason="stuck",
+        confirm_name="orders-prod",
     )
 
     assert right.status_code == 302
@@ -343,8 +350,14 @@ def test_the_connection_password_never_appears_in_admin_pages(
 
     pages["add form, refused"] = client.post(
         reverse("admin:migrations_ops_target_add"),
-        {"name": "orders-new", "environment": "staging", "convention": "runbook",
-         "connection_url": url, "schema": "", "lock_timeout_seconds": "0"},
+        {
+            "name": "orders-new",
+            "environment": "staging",
+            "convention": "runbook",
+            "connection_url": url,
+            "schema": "",
+            "lock_timeout_seconds": "0",
+        },
     )
     assert pages["add form, refused"].status_code == 200  # re-shown with the error
 
@@ -366,8 +379,14 @@ def test_the_connection_password_never_appears_in_admin_pages(
     pages["operation"] = released
     pages["edit target"] = client.post(
         change_url,
-        {"name": "orders-staging", "environment": "staging", "convention": "runbook",
-         "connection_url": "", "schema": pg_target.schema, "lock_timeout_seconds": "90"},
+        {
+            "name": "orders-staging",
+            "environment": "staging",
+            "convention": "runbook",
+            "connection_url": "",
+            "schema": pg_target.schema,
+            "lock_timeout_seconds": "90",
+        },
         follow=True,
     )
     pages["target history"] = client.get(
@@ -443,12 +462,20 @@ def test_a_new_url_is_recorded_masked(superuser_client):
 def history():
     target = TargetFactory()
     operation = Operation.objects.create(
-        kind="force_unlock", target=target, status=OperationStatus.SUCCEEDED,
-        requested_by_name="alice", door="admin", reason="stuck",
+        kind="force_unlock",
+        target=target,
+        status=OperationStatus.SUCCEEDED,
+        requested_by_name="alice",
+        door="admin",
+        reason="stuck",
     )
     event = AuditEvent.objects.create(
-        actor_name="alice", door="admin", action="operation.requested",
-        target=target, target_name=target.name, operation=operation,
+        actor_name="alice",
+        door="admin",
+        action="operation.requested",
+        target=target,
+        target_name=target.name,
+        operation=operation,
     )
     return {"operation": operation, "auditevent": event}
 
@@ -471,13 +498,20 @@ def test_operations_and_audit_events_are_read_only_even_for_a_superuser(
     assert change.status_code == 200
     assert 'name="_save"' not in body(change)
     assert url("delete", obj.pk) not in body(change)
-    edit = {"reason": "rewritten", "status": "failed", "action": "tampered", "actor_name": "eve",
-            "_save": "Save"}
+    edit = {
+        "reason": "rewritten",
+        "status": "failed",
+        "action": "tampered",
+        "actor_name": "eve",
+        "_save": "Save",
+    }
     assert client.post(url("change", obj.pk), edit).status_code == 403
     assert client.get(url("delete", obj.pk)).status_code == 403
     assert client.post(url("delete", obj.pk), {"post": "yes"}).status_code == 403
-    client.post(url("changelist"), {"action": "delete_selected", "_selected_action": [obj.pk],
-                                    "post": "yes"})
+    client.post(
+        url("changelist"),
+        {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"},
+    )
 
     assert type(obj).objects.filter(pk=obj.pk).values().get() == before
 

@@ -87,7 +87,9 @@ def test_status_reports_every_target_lock_and_applied_migrations(reader, two_tar
     assert abs(dt.datetime.now(dt.UTC) - STALE - since) < dt.timedelta(seconds=30)
     assert 1200 <= lock["age_seconds"] < 1230
     assert [m["name"] for m in stale["applied_migrations"]] == [
-        "001_create_users.sql", "002_add_email.sql", "003_orders.sql"
+        "001_create_users.sql",
+        "002_add_email.sql",
+        "003_orders.sql",
     ]
 
     assert free["reachable"] is True and free["dialect"] == "sqlite"
@@ -98,7 +100,8 @@ def test_status_reports_every_target_lock_and_applied_migrations(reader, two_tar
     assert free["lock"]["since"] is None
     assert free["lock"]["age_seconds"] is None
     assert [m["name"] for m in free["applied_migrations"]] == [
-        "20240101000000_init.js", "20240201000000_orders.js"
+        "20240101000000_init.js",
+        "20240201000000_orders.js",
     ]
 
 

@@ -23,8 +23,19 @@ def test_register_then_status_json(pg_target):
     pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=5), locked_by="deploy-1")
     url = pg_target.url.replace("postgres@", "postgres:pw-marker@")
     printed = ops(
-        "register", "--name", "orders", "--url", url, "--convention", "runbook",
-        "--environment", "staging", "--schema", pg_target.schema, "--lock-timeout", "120",
+        "register",
+        "--name",
+        "orders",
+        "--url",
+        url,
+        "--convention",
+        "runbook",
+        "--environment",
+        "staging",
+        "--schema",
+        pg_target.schema,
+        "--lock-timeout",
+        "120",
     )
     assert printed.strip() == "registered orders (staging, runbook)"
     assert Target.objects.get(name="orders").lock_timeout_seconds == 120
@@ -46,11 +57,31 @@ def test_register_then_status_json(pg_target):
 
 def test_register_refuses_bad_input():
     with pytest.raises(CommandError, match="unsupported target URL scheme mysql"):
-        ops("register", "--name", "x", "--url", "mysql://db/x", "--convention", "knex",
-            "--environment", "staging")
+        ops(
+            "register",
+            "--name",
+            "x",
+            "--url",
+            "mysql://db/x",
+            "--convention",
+            "knex",
+            "--environment",
+            "staging",
+        )
     with pytest.raises(CommandError, match="schema can only be set for PostgreSQL"):
-        ops("register", "--name", "x", "--url", "sqlite:////tmp/x.db", "--convention", "knex",
-            "--environment", "staging", "--schema", "public")
+        ops(
+            "register",
+            "--name",
+            "x",
+            "--url",
+            "sqlite:////tmp/x.db",
+            "--convention",
+            "knex",
+            "--environment",
+            "staging",
+            "--schema",
+            "public",
+        )
     assert Target.objects.count() == 0
 
 

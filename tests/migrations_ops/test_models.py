@@ -36,9 +36,12 @@ def test_audit_event_model_refuses_update_and_delete(event):
 )
 def test_postgresql_refuses_update_and_delete_on_audit_events(event, statement):
     assert connection.vendor == "postgresql"
-    with pytest.raises(DatabaseError, match="audit events are append-only"):
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(statement, [event.pk])
+    with (
+        pytest.raises(DatabaseError, match="audit events are append-only"),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(statement, [event.pk])
     assert AuditEvent.objects.get(pk=event.pk).action == "target.registered"
 
 

@@ -92,7 +92,7 @@ def test_fresh_lock_needs_explicit_release_fresh(
     pg_target.create_runbook_books(lock_age=dt.timedelta(seconds=5))
     target = TargetFactory(db=pg_target)
 
-    with pytest.raises(services.ServiceError, match="not stale .*lock timeout 60 s"):
+    with pytest.raises(services.ServiceError, match=r"not stale .*lock timeout 60 s"):
         services.request_force_unlock(actor=engineer, target=target, reason="impatient")
     assert len(pg_target.runbook_lock_rows()) == 1
 
@@ -232,7 +232,9 @@ def test_one_operation_per_target_at_a_time(pg_target, engineer):
     pg_target.create_runbook_books(lock_age=STALE)
     target = TargetFactory(db=pg_target)
     first = services.request_force_unlock(actor=engineer, target=target, reason="stuck")
-    with pytest.raises(services.ServiceError, match=f"operation #{first.pk} .* already in progress"):
+    with pytest.raises(
+        services.ServiceError, match=f"operation #{first.pk} .* already in progress"
+    ):
         services.request_force_unlock(actor=engineer, target=target, reason="again")
     assert Operation.objects.count() == 1
 
@@ -309,11 +311,17 @@ def test_register_target_validates_and_records(engineer):
         )
     with pytest.raises(services.ServiceError, match="already exists"):
         services.register_target(
-            actor=admin, name="orders", url="sqlite:////tmp/x.db", convention="knex",
+            actor=admin,
+            name="orders",
+            url="sqlite:////tmp/x.db",
+            convention="knex",
             environment="staging",
         )
     with pytest.raises(services.PermissionDenied):
         services.register_target(
-            actor=engineer, name="other", url="sqlite:////tmp/x.db", convention="knex",
+            actor=engineer,
+            name="other",
+            url="sqlite:////tmp/x.db",
+            convention="knex",
             environment="staging",
         )

@@ -38,7 +38,9 @@ def test_admin_force_unlock_runs_on_the_worker(real_worker, pg_target, client):
 
     operation = Operation.objects.get(target=target)
     assert response.status_code == 302
-    assert response["Location"] == reverse("admin:migrations_ops_operation_change", args=[operation.pk])
+    assert response["Location"] == reverse(
+        "admin:migrations_ops_operation_change", args=[operation.pk]
+    )
     operation = wait_until_finished(operation)
 
     assert operation.status == OperationStatus.SUCCEEDED, operation.error

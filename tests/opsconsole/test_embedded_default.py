@@ -72,8 +72,16 @@ def test_cli_errors_are_one_line_on_stderr_with_a_non_zero_exit(manage):
     assert unknown.stdout == ""
 
     manage(
-        "ops", "register", "--name", "gone", "--url", "postgresql://app:pw-marker@127.0.0.1:1/app",
-        "--convention", "knex", "--environment", "staging",
+        "ops",
+        "register",
+        "--name",
+        "gone",
+        "--url",
+        "postgresql://app:pw-marker@127.0.0.1:1/app",
+        "--convention",
+        "knex",
+        "--environment",
+        "staging",
     )
     unreachable = manage("ops", "unlock", "--target", "gone", "--reason", "x", check=False)
     assert unreachable.returncode == 1

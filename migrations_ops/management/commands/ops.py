@@ -28,9 +28,7 @@ class Command(BaseCommand):
     help = "Operate on target databases: register, status, unlock, demo."
 
     def add_arguments(self, parser):
-        parser.add_argument(
-            "--as", dest="as_user", metavar="USER", help="act as this console user"
-        )
+        parser.add_argument("--as", dest="as_user", metavar="USER", help="act as this console user")
         commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
         register = commands.add_parser("register", help="register a target database")
@@ -105,15 +103,12 @@ class Command(BaseCommand):
                 self._print_status(report)
         failed = [s for s in statuses if s.error]
         if failed:
-            raise CommandError(
-                "; ".join(f"{s.target.name}: {s.error}" for s in failed)
-            )
+            raise CommandError("; ".join(f"{s.target.name}: {s.error}" for s in failed))
 
     def _print_status(self, report):
         lock = report["lock"]
-        self.stdout.write(
-            f"{report['name']}  {report['environment']}  {report['convention']}  {report['dialect']}"
-        )
+        heading = [report["name"], report["environment"], report["convention"], report["dialect"]]
+        self.stdout.write("  ".join(heading))
         if report["error"]:
             self.stdout.write(f"  unreachable: {report['error']}")
             return
@@ -136,7 +131,9 @@ class Command(BaseCommand):
             # Naming the target on the command line is the typed confirmation.
             confirm_name=options["target"],
         )
-        self.stdout.write(f"operation #{operation.pk} requested: force-release lock of {target.name}")
+        self.stdout.write(
+            f"operation #{operation.pk} requested: force-release lock of {target.name}"
+        )
         operation = self._wait(operation, options["wait"])
         if operation.status == "failed":
             raise CommandError(f"operation #{operation.pk} failed: {operation.error}")
@@ -163,6 +160,4 @@ class Command(BaseCommand):
         for target in result.targets:
             lock = selectors.describe_lock(selectors.lock_report(target))
             self.stdout.write(f"demo target {target.name}: lock {lock}")
-        self.stdout.write(
-            f"admin login: username {result.username}  password {result.password}"
-        )
+        self.stdout.write(f"admin login: username {result.username}  password {result.password}")
