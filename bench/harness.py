@@ -70,9 +70,24 @@ def celery_worker(
     which then stops the worker in order."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, *entry, "-A", "opsconsole", "worker", "--pool", "solo",
-             "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--loglevel", loglevel, "--queues", queue, "--hostname", f"bench-{queue}@%h"],
+            [
+                sys.executable,
+                *entry,
+                "-A",
+                "opsconsole",
+                "worker",
+                "--pool",
+                "solo",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                loglevel,
+                "--queues",
+                queue,
+                "--hostname",
+                f"bench-{queue}@%h",
+            ],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=log,

@@ -39,8 +39,11 @@ class Recorder:
         self.counts[name] = self.counts.get(name, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
-        return {"events": dict(self.events), "durations": dict(self.durations),
-                "counts": dict(self.counts)}
+        return {
+            "events": dict(self.events),
+            "durations": dict(self.durations),
+            "counts": dict(self.counts),
+        }
 
 
 RECORDER = Recorder()
@@ -69,9 +72,9 @@ def _install_common() -> None:
     original_open_target = services.open_target
 
     @contextlib.contextmanager
-    def open_target(target):
+    def open_target(target, **kwargs):
         RECORDER.mark("target_connect.start")
-        with original_open_target(target) as target_connection:
+        with original_open_target(target, **kwargs) as target_connection:
             RECORDER.mark("target_connect.end")
             yield target_connection
             RECORDER.mark("target_work.end")
@@ -141,7 +144,7 @@ def install_worker_side(path: Path) -> None:
     _install_common()
     services.execute_operation = _timed(services.execute_operation, "execute")
     services._finish = _timed(services._finish, "finish")
-    out = open(path, "a", buffering=1)  # noqa: SIM115 (open for the worker's whole life)
+    out = open(path, "a")  # noqa: SIM115 (open for the worker's whole life)
 
     @signals.task_received.connect(weak=False)
     def received(**kwargs):
@@ -157,14 +160,18 @@ def install_worker_side(path: Path) -> None:
         RECORDER.mark("postrun")
         record = {"operation": args[0] if args else None, **RECORDER.snapshot()}
         out.write(json.dumps(record) + "\n")
+        out.flush()
 
 
 def read_worker_record(path: Path, operation_id: int, timeout: float = 10) -> dict[str, Any]:
-    """The worker's stamps of one operation (written just after the task returns)."""
+    """The worker's stamps of one operation (written just after the task returns; a line
+    still being written is skipped until it is whole)."""
     deadline = time.monotonic() + timeout
     while True:
         if path.exists():
-            for line in reversed(path.read_text().splitlines()):
+            for line in reversed(path.read_text().splitlines(keepends=True)):
+                if not line.endswith("\n"):
+                    continue
                 record = json.loads(line)
                 if record["operation"] == operation_id:
                     return record

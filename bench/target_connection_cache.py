@@ -36,8 +36,9 @@ class ConnectionCache:
       never share one.
     - It is given back only after a clean exit, idle in autocommit with no transaction open; a
       connection that saw any error is closed.
-    - On the way out it is pinged (an empty query, one round trip): one the server dropped is
-      replaced by a new connection, so a restarted target costs a reconnect, not a failure.
+    - Before it is lent again it is pinged (an empty query, one round trip): one the server
+      dropped is replaced by a new connection, so a restarted target costs a reconnect, not a
+      failure.
     - It is keyed by everything that shapes the session (URL, schema, timeouts), so a changed
       URL or schema never reuses an old session.
     - At most ``max_idle`` connections stay open in all. One idle longer than
@@ -47,6 +48,10 @@ class ConnectionCache:
     - After a fork the child forgets the parent's connections without closing them (closing
       would end the parent's sessions too).
     - SQLite files are opened anew every time, as before: that costs microseconds.
+
+    It cannot see session state a borrower leaves behind (a SET, a temporary table, a
+    session-level advisory lock): lend kept connections only to work that leaves none, such as
+    the console's own lock reads and releases, never to a migration's SQL.
     """
 
     def __init__(

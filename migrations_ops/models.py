@@ -58,12 +58,30 @@ class Target(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(86_400)],
         help_text="MIGRATION_LOCK_TIMEOUT: a lock held longer than this is stale.",
     )
+    max_retries = models.PositiveSmallIntegerField(
+        default=3,
+        validators=[MaxValueValidator(10)],
+        help_text="MIGRATION_MAX_RETRIES: more attempts to take the lock after the first.",
+    )
+    statement_timeout_seconds = models.PositiveIntegerField(
+        default=300,
+        validators=[MinValueValidator(1), MaxValueValidator(86_400)],
+        help_text="Bound on each statement of a migration the console runs.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
-        permissions = [("force_unlock_target", "Can force-release a target's migration lock")]
+        permissions = [
+            ("force_unlock_target", "Can force-release a target's migration lock"),
+            ("import_scripts", "Can import a target's migration scripts"),
+            ("dry_run_migrations", "Can dry-run migrations and rollbacks"),
+            ("run_migrations", "Can apply and roll back migrations"),
+            ("fix_books", "Can mark migrations applied or rolled back without running SQL"),
+            ("verify_target", "Can verify a target's books against its scripts"),
+            ("cleanup_target", "Can clean up a target's lock table"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -144,8 +162,46 @@ class LockObservation(models.Model):
         return LockState.STALE if age is not None and age > lock_timeout else LockState.HELD
 
 
+class MigrationScript(models.Model):
+    """The SQL of one migration as imported from the application's migrations folder, kept
+    with its checksum so the console knows exactly which SQL it ran."""
+
+    target = models.ForeignKey(Target, on_delete=models.CASCADE, related_name="scripts")
+    version = models.CharField(max_length=40)
+    name = models.CharField(max_length=255)
+    filename = models.CharField(max_length=255)
+    layout = models.CharField(max_length=10)
+    up_sql = models.TextField()
+    down_sql = models.TextField(blank=True)
+    # [{"sql": ..., "line": ...}]: the statements as split at import, with their file lines.
+    up_statements = models.JSONField(default=list)
+    down_statements = models.JSONField(default=list)
+    transactional = models.BooleanField(default=True)
+    needs_no_transaction = models.JSONField(default=list, blank=True)
+    checksum = models.CharField(max_length=64)
+    imported_at = models.DateTimeField(default=timezone.now)
+    # A re-import found different SQL for this migration while it was applied: kept apart.
+    drift_checksum = models.CharField(max_length=64, blank=True)
+    drift_detected_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["target", "version"]
+        constraints = [
+            models.UniqueConstraint(fields=["target", "version"], name="one_script_per_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.target.name}: {self.filename}"
+
+
 class OperationKind(models.TextChoices):
     FORCE_UNLOCK = "force_unlock", "Force-release migration lock"
+    APPLY = "apply", "Apply migrations"
+    ROLLBACK = "rollback", "Roll back a migration"
+    MARK_APPLIED = "mark_applied", "Mark applied (books only)"
+    MARK_ROLLED_BACK = "mark_rolled_back", "Mark rolled back (books only)"
+    VERIFY = "verify", "Verify"
+    CLEANUP = "cleanup", "Clean up the lock table"
 
 
 class OperationStatus(models.TextChoices):
@@ -199,7 +255,7 @@ class Operation(models.Model):
             # One mutating operation per target at a time, whichever door it came through.
             models.UniqueConstraint(
                 fields=["target"],
-                condition=Q(status__in=ACTIVE_STATUSES),
+                condition=Q(status__in=ACTIVE_STATUSES) & ~Q(kind="verify"),
                 name="one_active_operation_per_target",
             )
         ]

@@ -23,6 +23,7 @@ from migrations_ops.models import (
     AuditEvent,
     LockObservation,
     LockState,
+    MigrationScript,
     Operation,
     OperationKind,
     OperationStatus,
@@ -301,7 +302,11 @@ def _create_operation(
             )
             transaction.on_commit(partial(send_operation, operation.pk))
     except IntegrityError:
-        active = Operation.objects.filter(target=target, status__in=ACTIVE_STATUSES).first()
+        active = (
+            Operation.objects.filter(target=target, status__in=ACTIVE_STATUSES)
+            .exclude(kind=OperationKind.VERIFY)
+            .first()
+        )
         if active is None:
             raise
         raise ServiceError(
@@ -338,7 +343,10 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
     try:
         result = RUNNERS[operation.kind](operation, log)
     except engine.EngineError as error:
-        return _finish(operation, log, OperationStatus.FAILED, error=str(error))
+        # A failed migration still reports the statements that ran before the failure.
+        report = getattr(error, "report", None)
+        result = report.as_dict() if report is not None else None
+        return _finish(operation, log, OperationStatus.FAILED, error=str(error), result=result)
     except Exception as error:
         logger.exception("operation %s failed unexpectedly", operation_id)
         return _finish(
@@ -360,9 +368,6 @@ def _run_force_unlock(operation: Operation, log: list[str]) -> dict:
     )
     observe_lock(target, after)
     return {"before": before.as_dict(), "after": after.as_dict()}
-
-
-RUNNERS = {OperationKind.FORCE_UNLOCK: _run_force_unlock}
 
 
 def _finish(
@@ -402,3 +407,445 @@ def _append_log(operation_id: int, text: str) -> None:
         operation = Operation.objects.select_for_update().get(pk=operation_id)
         operation.log += _log_line(text)
         operation.save(update_fields=["log"])
+
+
+# --- migration scripts -------------------------------------------------------------------------
+@dataclass
+class ImportReport:
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+    drift: list[str]
+    missing: list[str]
+
+    def as_dict(self) -> dict:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "drift": self.drift,
+            "missing": self.missing,
+        }
+
+
+def import_scripts(*, actor: Actor, target: Target, directory: str) -> ImportReport:
+    """Store the migrations folder's scripts. A changed script whose migration is applied on
+    the target (or whose state cannot be read) is not replaced: it is recorded as drift."""
+    require_permission(actor, "migrations_ops.import_scripts", "import migration scripts")
+    try:
+        parsed = engine.parse_directory(directory)
+    except engine.ScriptError as error:
+        raise InvalidRequest(str(error)) from None
+    applied = _applied_or_none(target)
+    existing = {script.version: script for script in target.scripts.all()}
+    report = ImportReport([], [], [], [], [])
+    now = timezone.now()
+    with transaction.atomic():
+        for script in parsed:
+            row = existing.pop(script.version, None)
+            if row is None:
+                _script_row(target, script).save()
+                report.added.append(script.filename)
+            elif row.checksum == script.checksum:
+                if row.drift_checksum:
+                    row.drift_checksum, row.drift_detected_at = "", None
+                    row.save(update_fields=["drift_checksum", "drift_detected_at"])
+                report.unchanged.append(script.filename)
+            elif applied is None or engine.plan.applied_for(row, applied) is not None:
+                if row.drift_checksum != script.checksum:
+                    row.drift_checksum, row.drift_detected_at = script.checksum, now
+                    row.save(update_fields=["drift_checksum", "drift_detected_at"])
+                report.drift.append(script.filename)
+            else:
+                updated = _script_row(target, script)
+                updated.pk = row.pk
+                updated.save()
+                report.updated.append(script.filename)
+        report.missing = sorted(row.filename for row in existing.values())
+        record_audit_event(
+            actor,
+            "scripts.imported",
+            target=target,
+            details={"directory": str(directory), **report.as_dict()},
+        )
+    return report
+
+
+def _applied_or_none(target: Target) -> list[engine.AppliedMigration] | None:
+    status = read_target_status(target)
+    return status.applied
+
+
+def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScript:
+    return MigrationScript(
+        target=target,
+        version=script.version,
+        name=script.name,
+        filename=script.filename,
+        layout=script.layout,
+        up_sql=script.up_sql,
+        down_sql=script.down_sql,
+        up_statements=[{"sql": s.sql, "line": s.line} for s in script.up_statements],
+        down_statements=[{"sql": s.sql, "line": s.line} for s in script.down_statements],
+        transactional=script.transactional,
+        needs_no_transaction=list(script.needs_no_transaction),
+        checksum=script.checksum,
+    )
+
+
+def engine_scripts(target: Target) -> list[engine.MigrationScript]:
+    """The target's stored scripts in the engine's own shape."""
+    return [
+        engine.MigrationScript(
+            version=row.version,
+            name=row.name,
+            filename=row.filename,
+            layout=row.layout,
+            up_sql=row.up_sql,
+            down_sql=row.down_sql,
+            up_statements=tuple(engine.Statement(s["sql"], s["line"]) for s in row.up_statements),
+            down_statements=tuple(
+                engine.Statement(s["sql"], s["line"]) for s in row.down_statements
+            ),
+            transactional=row.transactional,
+            needs_no_transaction=tuple(row.needs_no_transaction),
+            checksum=row.checksum,
+        )
+        for row in target.scripts.order_by("version")
+    ]
+
+
+# --- migration operations ----------------------------------------------------------------------
+def _require_reason(reason: str, what: str) -> str:
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidRequest(f"a reason is required to {what}")
+    return reason
+
+
+def _require_confirmation(target: Target, confirm_name: str | None, what: str) -> None:
+    if target.is_production and (confirm_name or "").strip() != target.name:
+        raise InvalidRequest(f"{target.name} is a production target: type its name to {what}")
+
+
+def _live_books(target: Target) -> list[engine.AppliedMigration]:
+    status = read_target_status(target)
+    if status.error:
+        raise TargetUnavailable(f"{target.name}: {status.error}")
+    return status.applied
+
+
+def _no_scripts_hint(target: Target) -> str:
+    if target.convention == "knex":
+        return (
+            f"{target.name} uses Knex, whose migrations are JavaScript: applying or rolling back "
+            "needs SQL scripts imported for it (ops import --dir PATH)"
+        )
+    return f"no migration scripts are imported for {target.name} (ops import --dir PATH)"
+
+
+def _plan_error(target: Target, error: engine.EngineError) -> ServiceError:
+    if not target.scripts.exists():
+        return ServiceError(_no_scripts_hint(target))
+    return ServiceError(str(error))
+
+
+def request_apply(
+    *,
+    actor: Actor,
+    target: Target,
+    reason: str = "",
+    to_version: str | None = None,
+    dry_run: bool = False,
+    non_transactional: bool = False,
+    confirm_name: str | None = None,
+) -> Operation:
+    """Apply pending migrations (all, or up to ``to_version``), or preview them (dry run)."""
+    if dry_run:
+        require_permission(actor, "migrations_ops.dry_run_migrations", "dry-run migrations")
+        reason = (reason or "").strip() or "dry run"
+    else:
+        require_permission(actor, "migrations_ops.run_migrations", "apply migrations")
+        reason = _require_reason(reason, "apply migrations")
+        _require_confirmation(target, confirm_name, "confirm applying migrations")
+    scripts = engine_scripts(target)
+    if not scripts:
+        raise ServiceError(_no_scripts_hint(target))
+    applied = _live_books(target)
+    try:
+        chosen = engine.plan.pending(applied, scripts, to_version)
+    except engine.EngineError as error:
+        raise _plan_error(target, error) from None
+    if not chosen:
+        raise ServiceError(f"nothing to apply on {target.name}: every imported script is applied")
+    return _create_operation(
+        actor=actor,
+        target=target,
+        kind=OperationKind.APPLY,
+        reason=reason,
+        params={
+            "dry_run": dry_run,
+            "to_version": to_version,
+            "non_transactional": non_transactional,
+            "versions": [script.version for script in chosen],
+            "migrations": [script.filename for script in chosen],
+        },
+    )
+
+
+def request_rollback(
+    *,
+    actor: Actor,
+    target: Target,
+    reason: str,
+    version: str | None = None,
+    dry_run: bool = False,
+    out_of_order: bool = False,
+    non_transactional: bool = False,
+    confirm_name: str | None = None,
+) -> Operation:
+    """Roll back one migration: the latest applied unless ``version`` (older ones need
+    ``out_of_order``). Its down SQL and the removal of its book entry run in one transaction."""
+    if dry_run:
+        require_permission(actor, "migrations_ops.dry_run_migrations", "dry-run rollbacks")
+        reason = (reason or "").strip() or "dry run"
+    else:
+        require_permission(actor, "migrations_ops.run_migrations", "roll back migrations")
+        reason = _require_reason(reason, "roll back a migration")
+        _require_confirmation(target, confirm_name, "confirm the rollback")
+    applied = _live_books(target)
+    try:
+        entry, script = engine.plan.rollback_choice(
+            applied, engine_scripts(target), version, out_of_order=out_of_order
+        )
+    except engine.EngineError as error:
+        raise _plan_error(target, error) from None
+    return _create_operation(
+        actor=actor,
+        target=target,
+        kind=OperationKind.ROLLBACK,
+        reason=reason,
+        params={
+            "dry_run": dry_run,
+            "version": script.version,
+            "book_name": entry.name,
+            "migration": script.filename,
+            "out_of_order": out_of_order,
+            "non_transactional": non_transactional,
+        },
+    )
+
+
+def request_mark(
+    *,
+    actor: Actor,
+    target: Target,
+    version: str,
+    reason: str,
+    applied: bool,
+    confirm_name: str | None = None,
+) -> Operation:
+    """Fix the books without running SQL (the runbook's "reset migration tracking")."""
+    require_permission(actor, "migrations_ops.fix_books", "fix the books")
+    reason = _require_reason(reason, "fix the books")
+    _require_confirmation(target, confirm_name, "confirm the change to its books")
+    books = _live_books(target)
+    if applied:
+        script = next((s for s in engine_scripts(target) if s.version == version), None)
+        if script is None:
+            raise ServiceError(f"unknown version {version} for {target.name}: import it first")
+        if engine.plan.applied_for(script, books) is not None:
+            raise ServiceError(f"{script.filename} is already recorded as applied")
+        kind, params = OperationKind.MARK_APPLIED, {"book_name": script.filename}
+    else:
+        entry = next(
+            (e for e in books if engine.plan.version_of(e.name) == version or e.name == version),
+            None,
+        )
+        if entry is None:
+            raise ServiceError(f"version {version} is not recorded as applied on {target.name}")
+        kind, params = OperationKind.MARK_ROLLED_BACK, {"book_name": entry.name}
+    return _create_operation(
+        actor=actor,
+        target=target,
+        kind=kind,
+        reason=reason,
+        params={"version": version, **params},
+    )
+
+
+def request_verify(*, actor: Actor, target: Target, reason: str = "") -> Operation:
+    require_permission(actor, "migrations_ops.verify_target", "verify targets")
+    return _create_operation(
+        actor=actor,
+        target=target,
+        kind=OperationKind.VERIFY,
+        reason=(reason or "").strip() or "verify",
+        params={},
+    )
+
+
+def request_cleanup(
+    *, actor: Actor, target: Target, reason: str, confirm_name: str | None = None
+) -> Operation:
+    """The runbook's ``migrate:cleanup``: a stale lock row goes, a malformed lock table is
+    repaired; a lock still within its timeout is left alone."""
+    require_permission(actor, "migrations_ops.cleanup_target", "clean up lock tables")
+    reason = _require_reason(reason, "clean up the lock table")
+    _require_confirmation(target, confirm_name, "confirm the cleanup")
+    _live_books(target)
+    return _create_operation(
+        actor=actor, target=target, kind=OperationKind.CLEANUP, reason=reason, params={}
+    )
+
+
+# --- running them (in the task) ----------------------------------------------------------------
+def _run_settings(operation: Operation) -> engine.RunSettings:
+    target = operation.target
+    return engine.RunSettings(
+        holder=f"opsconsole operation #{operation.pk} ({operation.requested_by_name})",
+        lock_wait_seconds=target.lock_timeout_seconds,
+        max_retries=target.max_retries,
+        statement_timeout_seconds=target.statement_timeout_seconds,
+        dry_run=bool(operation.params.get("dry_run")),
+        allow_non_transactional=bool(operation.params.get("non_transactional")),
+    )
+
+
+def _logger(log: list[str]):
+    return lambda text: log.append(_log_line(text))
+
+
+def _run_apply(operation: Operation, log: list[str]) -> dict:
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    scripts = engine_scripts(target)
+    with open_target(target) as connection:
+        applied = convention.read_applied(connection)
+        chosen = engine.plan.pending(applied, scripts, operation.params.get("to_version"))
+        if [s.version for s in chosen] != operation.params["versions"]:
+            raise engine.EngineError(
+                "the books changed since the request: pending now "
+                f"{', '.join(s.filename for s in chosen) or 'nothing'}; look again and re-request"
+            )
+        steps = [engine.Step("up", script, script.filename) for script in chosen]
+        report = engine.run_migrations(
+            connection, convention, steps, _run_settings(operation), _logger(log)
+        )
+        observe_lock(target, convention.read_lock(connection))
+    return report.as_dict()
+
+
+def _run_rollback(operation: Operation, log: list[str]) -> dict:
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    params = operation.params
+    with open_target(target) as connection:
+        applied = convention.read_applied(connection)
+        entry, script = engine.plan.rollback_choice(
+            applied,
+            engine_scripts(target),
+            params["version"],
+            out_of_order=params.get("out_of_order", False),
+        )
+        if entry.name != params["book_name"]:
+            raise engine.EngineError(
+                f"the books changed since the request ({entry.name} instead of "
+                f"{params['book_name']}); look again and re-request"
+            )
+        steps = [engine.Step("down", script, entry.name)]
+        report = engine.run_migrations(
+            connection, convention, steps, _run_settings(operation), _logger(log)
+        )
+        observe_lock(target, convention.read_lock(connection))
+    return report.as_dict()
+
+
+def _run_mark(operation: Operation, log: list[str]) -> dict:
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    name = operation.params["book_name"]
+    marking_applied = operation.kind == OperationKind.MARK_APPLIED
+    with open_target(target) as connection:
+        before = [m.as_dict() for m in convention.read_applied(connection)]
+        changes = engine.mark_books(
+            connection,
+            convention,
+            applied=[name] if marking_applied else [],
+            removed=[] if marking_applied else [name],
+        )
+        after = [m.as_dict() for m in convention.read_applied(connection)]
+    for change in changes:
+        log.append(_log_line(change))
+    return {"changes": changes, "before": before, "after": after}
+
+
+def _run_verify(operation: Operation, log: list[str]) -> dict:
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    rows = list(target.scripts.all())
+    scripts = engine_scripts(target)
+    with open_target(target) as connection:
+        applied = convention.read_applied(connection)
+        lock = convention.read_lock(connection)
+        invalid = engine.invalid_indexes(connection)
+    observation = observe_lock(target, lock)
+    if scripts:
+        drifted = {
+            row.filename: f"the folder's SQL (checksum {row.drift_checksum[:12]}) differs from "
+            f"the SQL imported (checksum {row.checksum[:12]}), seen {row.drift_detected_at:%Y-%m-%d %H:%M} UTC"
+            for row in rows
+            if row.drift_checksum
+        }
+        problems = engine.plan.verify_books(applied, scripts, drifted=drifted)
+    else:
+        problems = [engine.plan.Problem("no_scripts", _no_scripts_hint(target))]
+    stale = engine.plan.lock_problem(
+        bool(observation.held), observation.since, timezone.now(), target.lock_timeout
+    )
+    problems += [stale] if stale else []
+    problems += [
+        engine.plan.Problem(
+            "invalid_index",
+            f"index {index.name} on {index.table} is INVALID (left by a failed concurrent "
+            f"build): drop and rebuild it",
+        )
+        for index in invalid
+    ]
+    for problem in problems:
+        log.append(_log_line(f"{problem.code}: {problem.message}"))
+    log.append(_log_line(f"verify: {len(problems)} problem(s)"))
+    return {
+        "ok": not problems,
+        "problems": [problem.as_dict() for problem in problems],
+        "applied": len(applied),
+        "scripts": len(scripts),
+    }
+
+
+def _run_cleanup(operation: Operation, log: list[str]) -> dict:
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    with open_target(target) as connection:
+        lock = convention.read_lock(connection)
+        observation = observe_lock(target, lock)
+        stale = observation.state(timezone.now(), target.lock_timeout) == LockState.STALE
+        changes = convention.repair_lock_table(connection, release=stale)
+        after = convention.read_lock(connection)
+    observe_lock(target, after)
+    if lock.held and not stale:
+        changes.append("the lock is held but not stale: left alone")
+    for change in changes or ["nothing to clean up"]:
+        log.append(_log_line(change))
+    return {"changes": changes, "before": lock.as_dict(), "after": after.as_dict()}
+
+
+RUNNERS = {
+    OperationKind.FORCE_UNLOCK: _run_force_unlock,
+    OperationKind.APPLY: _run_apply,
+    OperationKind.ROLLBACK: _run_rollback,
+    OperationKind.MARK_APPLIED: _run_mark,
+    OperationKind.MARK_ROLLED_BACK: _run_mark,
+    OperationKind.VERIFY: _run_verify,
+    OperationKind.CLEANUP: _run_cleanup,
+}

@@ -5,6 +5,8 @@ raises is an ``EngineError`` whose message is one line, safe to show to a user: 
 contains a connection URL or a password.
 """
 
+from . import plan
+from .catalog import Catalog, Change, Column, Index, diff, invalid_indexes, snapshot
 from .connection import TargetConnection, connect
 from .conventions import CONVENTIONS, AppliedMigration, Convention, LockState, get_convention
 from .errors import (
@@ -12,25 +14,59 @@ from .errors import (
     LockChanged,
     LockNotHeld,
     NotAMigrationsDatabase,
+    ScriptError,
     TargetUnreachable,
     UnsupportedTarget,
+)
+from .runner import LockBusy, RunReport, RunSettings, StatementFailed, Step
+from .runner import mark as mark_books
+from .runner import run as run_migrations
+from .scripts import (
+    MigrationScript,
+    Statement,
+    normalise,
+    parse_directory,
+    parse_file,
+    split_statements,
 )
 from .target_url import dialect_of, mask_url
 
 __all__ = [
     "CONVENTIONS",
     "AppliedMigration",
+    "Catalog",
+    "Change",
+    "Column",
     "Convention",
     "EngineError",
+    "Index",
+    "LockBusy",
     "LockChanged",
     "LockNotHeld",
     "LockState",
+    "MigrationScript",
     "NotAMigrationsDatabase",
+    "RunReport",
+    "RunSettings",
+    "ScriptError",
+    "Statement",
+    "StatementFailed",
+    "Step",
     "TargetConnection",
     "TargetUnreachable",
     "UnsupportedTarget",
     "connect",
     "dialect_of",
+    "diff",
     "get_convention",
+    "invalid_indexes",
+    "mark_books",
     "mask_url",
+    "normalise",
+    "parse_directory",
+    "parse_file",
+    "plan",
+    "run_migrations",
+    "snapshot",
+    "split_statements",
 ]

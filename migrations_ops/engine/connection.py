@@ -62,6 +62,28 @@ class TargetConnection:
         finally:
             cursor.close()
 
+    def run(self, statement: str) -> int:
+        """Run one statement of a migration as written: no parameters, so a literal ``%`` in
+        it is not taken for a placeholder."""
+        cursor = self.raw.cursor()
+        try:
+            cursor.execute(statement)
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+    def columns(self, table: str) -> list[str]:
+        cursor = self.raw.cursor()
+        try:
+            cursor.execute(f"SELECT * FROM {self.quote(table)} WHERE 1 = 0")  # noqa: S608
+            return [column[0] for column in cursor.description]
+        finally:
+            cursor.close()
+
+    def timestamp(self, value):
+        """A timestamp as a parameter: PostgreSQL takes the datetime, SQLite keeps ISO text."""
+        return value if self.dialect == "postgresql" else value.isoformat(sep=" ")
+
     def table_exists(self, table: str) -> bool:
         if self.dialect == "postgresql":
             # to_regclass resolves through search_path, i.e. the target's schema.

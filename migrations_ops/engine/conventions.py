@@ -155,6 +155,43 @@ class Convention:
     def _release(self, connection: TargetConnection) -> None:
         raise NotImplementedError
 
+    # --- migrating: take the lock, keep the books ------------------------------------------------
+    def try_take_lock(self, connection: TargetConnection, holder: str) -> bool:
+        """One attempt to take the lock, committed at once so other migrators see it."""
+        with connection.transaction():
+            if connection.dialect == "postgresql":
+                # Serialises console takers even where the lock table has no unique key.
+                connection.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                    [f"opsconsole:{connection.schema or ''}:{self.lock_table}"],
+                )
+            if self.read_lock(connection, for_update=True).held:
+                return False
+            self._take(connection, holder)
+        return True
+
+    def _take(self, connection: TargetConnection, holder: str) -> None:
+        raise NotImplementedError
+
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+        raise NotImplementedError
+
+    def record_applied(
+        self, connection: TargetConnection, name: str, batch: int, applied_at: dt.datetime
+    ) -> None:
+        raise NotImplementedError
+
+    def remove_applied(self, connection: TargetConnection, name: str) -> int:
+        raise NotImplementedError
+
+    def next_batch(self, connection: TargetConnection) -> int:
+        return 1
+
+    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+        """The runbook's ``migrate:cleanup``: make the lock table well-formed and, when
+        ``release`` (the caller found the lock stale), free it. Returns what it changed."""
+        raise NotImplementedError
+
 
 def describe_rows(rows: list[dict[str, Any]]) -> str:
     return "; ".join(", ".join(f"{k}={v}" for k, v in row.items()) for row in rows) or "no rows"
@@ -193,6 +230,64 @@ class RunbookConvention(Convention):
         # The runbook's Scenario 3: "DELETE FROM migration_lock" releases every lock row.
         connection.execute(f"DELETE FROM {connection.quote(self.lock_table)}")  # noqa: S608
 
+    def _take(self, connection: TargetConnection, holder: str) -> None:
+        present = set(connection.columns(self.lock_table))
+        values: dict[str, Any] = {"id": 1}
+        if "locked_at" in present:
+            values["locked_at"] = connection.timestamp(dt.datetime.now(UTC))
+        if "locked_by" in present:
+            values["locked_by"] = holder
+        columns = ", ".join(connection.quote(column) for column in values)
+        marks = ", ".join([connection.placeholder] * len(values))
+        connection.execute(
+            f"INSERT INTO {connection.quote(self.lock_table)} ({columns}) VALUES ({marks})",  # noqa: S608
+            list(values.values()),
+        )
+
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+        table = connection.quote(self.lock_table)
+        if "locked_by" in connection.columns(self.lock_table):
+            connection.execute(
+                f"DELETE FROM {table} WHERE locked_by = {connection.placeholder}",  # noqa: S608
+                [holder],
+            )
+        else:
+            connection.execute(f"DELETE FROM {table}")  # noqa: S608
+
+    def record_applied(
+        self, connection: TargetConnection, name: str, batch: int, applied_at: dt.datetime
+    ) -> None:
+        mark = connection.placeholder
+        connection.execute(
+            f"INSERT INTO {connection.quote(self.migrations_table)} (filename, applied_at) "  # noqa: S608
+            f"VALUES ({mark}, {mark})",
+            [name, connection.timestamp(applied_at)],
+        )
+
+    def remove_applied(self, connection: TargetConnection, name: str) -> int:
+        return connection.execute(
+            f"DELETE FROM {connection.quote(self.migrations_table)} "  # noqa: S608
+            f"WHERE filename = {connection.placeholder}",
+            [name],
+        )
+
+    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+        table = connection.quote(self.lock_table)
+        changes = []
+        with connection.transaction():
+            rows = self.read_lock(connection, for_update=True).rows
+            extra = [row for row in rows if row.get("id") != 1]
+            if extra:
+                connection.execute(
+                    f"DELETE FROM {table} WHERE id IS NULL OR id <> 1"  # noqa: S608
+                )
+                changes.append(f"removed {len(extra)} extra lock row(s): {describe_rows(extra)}")
+            if release and len(rows) > len(extra):
+                connection.execute(f"DELETE FROM {table}")  # noqa: S608
+                kept = [row for row in rows if row.get("id") == 1]
+                changes.append(f"removed the stale lock row: {describe_rows(kept)}")
+        return changes
+
 
 class KnexConvention(Convention):
     """Knex: ``knex_migrations(id, name, batch, migration_time)`` and
@@ -228,6 +323,60 @@ class KnexConvention(Convention):
         connection.execute(
             f"UPDATE {connection.quote(self.lock_table)} SET is_locked = 0"  # noqa: S608
         )
+
+    def _take(self, connection: TargetConnection, holder: str) -> None:
+        table = connection.quote(self.lock_table)
+        if not connection.execute(f"UPDATE {table} SET is_locked = 1"):  # noqa: S608
+            connection.execute(f"INSERT INTO {table} (is_locked) VALUES (1)")  # noqa: S608
+
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+        self._release(connection)
+
+    def record_applied(
+        self, connection: TargetConnection, name: str, batch: int, applied_at: dt.datetime
+    ) -> None:
+        mark = connection.placeholder
+        connection.execute(
+            f"INSERT INTO {connection.quote(self.migrations_table)} "  # noqa: S608
+            f"(name, batch, migration_time) VALUES ({mark}, {mark}, {mark})",
+            [name, batch, connection.timestamp(applied_at)],
+        )
+
+    def remove_applied(self, connection: TargetConnection, name: str) -> int:
+        return connection.execute(
+            f"DELETE FROM {connection.quote(self.migrations_table)} "  # noqa: S608
+            f"WHERE name = {connection.placeholder}",
+            [name],
+        )
+
+    def next_batch(self, connection: TargetConnection) -> int:
+        rows = connection.fetch_dicts(
+            f"SELECT MAX(batch) AS batch FROM {connection.quote(self.migrations_table)}"  # noqa: S608
+        )
+        return int(rows[0]["batch"] or 0) + 1
+
+    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+        # Knex expects exactly one row: it inserts it when missing, and so does this.
+        table = connection.quote(self.lock_table)
+        index = connection.quote("index")
+        changes = []
+        with connection.transaction():
+            rows = self.read_lock(connection, for_update=True).rows
+            if not rows:
+                connection.execute(f"INSERT INTO {table} (is_locked) VALUES (0)")  # noqa: S608
+                changes.append("inserted the missing lock row (is_locked = 0)")
+            elif len(rows) > 1:
+                keep = min(row["index"] for row in rows)
+                connection.execute(
+                    f"DELETE FROM {table} WHERE {index} <> {connection.placeholder}",  # noqa: S608
+                    [keep],
+                )
+                extra = [row for row in rows if row["index"] != keep]
+                changes.append(f"removed {len(extra)} extra lock row(s): {describe_rows(extra)}")
+            if release and any(self.row_holds_lock(row) for row in rows):
+                self._release(connection)
+                changes.append("released the stale lock (is_locked = 0)")
+        return changes
 
 
 CONVENTIONS: dict[str, Convention] = {

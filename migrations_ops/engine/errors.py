@@ -20,3 +20,7 @@ class LockNotHeld(EngineError):
 
 class LockChanged(EngineError):
     """The lock is no longer the one the operator saw: someone released or re-took it."""
+
+
+class ScriptError(EngineError):
+    """A migration script or folder cannot be read; the message starts with ``file:line:``."""

@@ -105,7 +105,7 @@ def test_unlock_releases_and_reports(any_target):
     TargetFactory(db=any_target, name="orders")
     printed = ops("unlock", "--target", "orders", "--reason", "crashed deploy", "--wait", "5")
     operation = Operation.objects.get()
-    assert f"operation #{operation.pk} succeeded: lock released (was held by deploy-7" in printed
+    assert f"operation #{operation.pk} succeeded\nlock released (was held by deploy-7" in printed
     assert operation.status == OperationStatus.SUCCEEDED
     assert operation.door == "cli"
     assert any_target.runbook_lock_rows() == []
@@ -117,7 +117,10 @@ def test_unlock_fresh_lock_needs_force(pg_target, django_capture_on_commit_callb
     with pytest.raises(CommandError, match=r"not stale .*CLI: --force"):
         ops("unlock", "--target", "orders", "--reason", "x")
     assert len(pg_target.runbook_lock_rows()) == 1
-    with django_capture_on_commit_callbacks(execute=True):
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(CommandError, match="still queued"),
+    ):
         ops("unlock", "--target", "orders", "--reason", "evicted pod", "--force", "--wait", "0")
     assert pg_target.runbook_lock_rows() == []
 
@@ -140,7 +143,10 @@ def test_unlock_as_an_engineer_is_recorded_under_their_name(
     pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
     TargetFactory(db=pg_target, name="orders")
     UserFactory(username="oncall", permissions=ON_CALL_PERMISSIONS)
-    with django_capture_on_commit_callbacks(execute=True):
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(CommandError, match="still queued"),
+    ):
         ops("--as", "oncall", "unlock", "--target", "orders", "--reason", "stuck", "--wait", "0")
     operation = Operation.objects.get()
     assert operation.requested_by.username == "oncall"
@@ -151,7 +157,8 @@ def test_unlock_without_waiting_leaves_the_operation_queued(pg_target):
     pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
     TargetFactory(db=pg_target, name="orders")
     # Inside the test's transaction on-commit never fires: the task is not sent.
-    printed = ops("unlock", "--target", "orders", "--reason", "stuck", "--wait", "0")
-    operation = Operation.objects.get()
-    assert f"operation #{operation.pk} is queued" in printed
+    with pytest.raises(CommandError, match="is still queued") as caught:
+        ops("unlock", "--target", "orders", "--reason", "stuck", "--wait", "0")
+    assert caught.value.returncode == 2
+    assert Operation.objects.get().status == "queued"
     assert len(pg_target.runbook_lock_rows()) == 1

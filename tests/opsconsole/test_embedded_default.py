@@ -54,7 +54,9 @@ def test_demo_lock_can_be_seen_and_released_on_the_embedded_default(manage):
     assert "applied: 3 migration(s), latest 003_add_orders_customer_index.sql" in status
 
     released = manage("ops", "unlock", "--target", "orders-demo", "--reason", "crashed deploy")
-    assert re.search(r"operation #\d+ succeeded: lock released", released.stdout)
+    assert re.search(
+        r"operation #\d+ succeeded\nlock released \(was held by deploy-4521", released.stdout
+    )
     assert "lock: free" in manage("ops", "status", "--target", "orders-demo").stdout
 
     again = manage("ops", "unlock", "--target", "orders-demo", "--reason", "again", check=False)
