@@ -791,12 +791,7 @@ def _run_verify(operation: Operation, log: list[str]) -> dict:
         invalid = engine.invalid_indexes(connection)
     observation = observe_lock(target, lock)
     if scripts:
-        drifted = {
-            row.filename: f"the folder's SQL (checksum {row.drift_checksum[:12]}) differs from "
-            f"the SQL imported (checksum {row.checksum[:12]}), seen {row.drift_detected_at:%Y-%m-%d %H:%M} UTC"
-            for row in rows
-            if row.drift_checksum
-        }
+        drifted = {row.filename: drift_description(row) for row in rows if row.drift_checksum}
         problems = engine.plan.verify_books(applied, scripts, drifted=drifted)
     else:
         problems = [engine.plan.Problem("no_scripts", _no_scripts_hint(target))]
@@ -821,6 +816,13 @@ def _run_verify(operation: Operation, log: list[str]) -> dict:
         "applied": len(applied),
         "scripts": len(scripts),
     }
+
+
+def drift_description(row: MigrationScript) -> str:
+    return (
+        f"the folder's SQL (checksum {row.drift_checksum[:12]}) differs from the SQL imported "
+        f"(checksum {row.checksum[:12]}), seen {row.drift_detected_at:%Y-%m-%d %H:%M} UTC"
+    )
 
 
 def _run_cleanup(operation: Operation, log: list[str]) -> dict:
