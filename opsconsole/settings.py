@@ -67,6 +67,11 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
+# Reuse the console's connection for a minute (a ?conn_max_age= in DATABASE_URL wins), checked
+# before reuse and closed after an error: a new PostgreSQL connection costs a few milliseconds.
+# Celery tasks follow the same rules (CELERY_DB_REUSE_MAX below, and opsconsole/celery.py).
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -97,6 +102,10 @@ CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="opsconsole")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fix-up would close the console's connection before and after every task;
+# this tells it to leave it (it closes it every 2000 tasks), and opsconsole/celery.py closes it
+# by Django's rules instead (CONN_MAX_AGE, CONN_HEALTH_CHECKS, errors).
+CELERY_DB_REUSE_MAX = 1000
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = TIME_ZONE
@@ -106,6 +115,10 @@ CELERY_TIMEZONE = TIME_ZONE
 TARGET_CONNECT_TIMEOUT = env.int("TARGET_CONNECT_TIMEOUT", default=5)
 # Upper bound for any single statement the console runs on a target while reading or unlocking.
 TARGET_STATEMENT_TIMEOUT = env.int("TARGET_STATEMENT_TIMEOUT", default=10)
+# Keep PostgreSQL target connections open for lock reads and releases (each process keeps at
+# most 8, none idle over 60 s or older than 5 min, each checked alive before reuse).
+# False: connect every time.
+TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
 
 LOGGING = {
     "version": 1,

@@ -102,8 +102,11 @@ class Convention:
         connection.require_tables(self.name, self.migrations_table, self.lock_table)
 
     # --- reading -------------------------------------------------------------------------------
-    def read_lock(self, connection: TargetConnection, *, for_update: bool = False) -> LockState:
-        self.require_tables(connection)
+    def read_lock(
+        self, connection: TargetConnection, *, for_update: bool = False, check_tables: bool = True
+    ) -> LockState:
+        if check_tables:
+            self.require_tables(connection)
         query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
         if for_update and connection.dialect == "postgresql":
             query += " FOR UPDATE"
@@ -147,7 +150,8 @@ class Convention:
                     f"(now: {describe_rows(before.rows)}); look at it again and re-request"
                 )
             self._release(connection)
-            after = self.read_lock(connection)
+            # The tables were checked by the first read, in this same transaction.
+            after = self.read_lock(connection, check_tables=False)
             if after.held:
                 raise EngineError("the migration lock was still held after the release")
         return before, after

@@ -1,0 +1,102 @@
+"""Kept target connections: reused when clean, never shared, replaced when dead or stale."""
+
+import os
+import time
+
+import psycopg
+import pytest
+
+from migrations_ops.engine import EngineError
+from migrations_ops.engine.connection import ConnectionCache
+
+
+def backend_pid(conn) -> int:
+    return conn.fetch_dicts("SELECT pg_backend_pid() AS pid")[0]["pid"]
+
+
+@pytest.fixture
+def cache():
+    cache = ConnectionCache(max_idle=2)
+    yield cache
+    cache.clear()
+
+
+def open_kept(cache, target, **kwargs):
+    return cache.connect(target.url, schema=target.schema, **kwargs)
+
+
+def test_a_clean_connection_is_reused(cache, pg_target):
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+    with open_kept(cache, pg_target) as conn:
+        assert backend_pid(conn) == first
+
+
+def test_a_connection_is_lent_to_one_caller_at_a_time(cache, pg_target):
+    with open_kept(cache, pg_target) as one, open_kept(cache, pg_target) as two:
+        assert backend_pid(one) != backend_pid(two)
+
+
+def test_a_connection_that_saw_an_error_is_closed(cache, pg_target):
+    with pytest.raises(EngineError), open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+        conn.fetch_dicts("SELECT * FROM no_such_table")
+    with open_kept(cache, pg_target) as conn:
+        assert backend_pid(conn) != first
+
+
+def test_a_connection_left_in_a_transaction_is_closed(cache, pg_target):
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+        conn.raw.autocommit = False
+        conn.fetch_dicts("SELECT 1 AS one")
+    with open_kept(cache, pg_target) as conn:
+        assert backend_pid(conn) != first
+
+
+def test_a_connection_the_server_dropped_is_replaced(cache, pg_target):
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+    with psycopg.connect(pg_target.url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+    time.sleep(0.1)
+    with open_kept(cache, pg_target) as conn:
+        assert backend_pid(conn) != first
+
+
+def test_connections_are_kept_per_schema_and_timeouts(cache, pg_target):
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+    with cache.connect(pg_target.url, schema=None) as conn:
+        assert backend_pid(conn) != first
+    with open_kept(cache, pg_target, statement_timeout=3) as conn:
+        assert backend_pid(conn) != first
+
+
+def test_stale_connections_are_not_reused(cache, pg_target):
+    cache.max_lifetime = 0
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+    with open_kept(cache, pg_target) as conn:
+        assert backend_pid(conn) != first
+
+
+def test_a_forked_child_opens_its_own(cache, pg_target):
+    with open_kept(cache, pg_target) as conn:
+        parent = backend_pid(conn)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through its exit status)
+        with open_kept(cache, pg_target) as conn:
+            os._exit(0 if backend_pid(conn) != parent else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with open_kept(cache, pg_target) as conn:  # the child left the parent's session alone
+        assert backend_pid(conn) == parent
+
+
+def test_sqlite_is_opened_anew(cache, sqlite_target):
+    with cache.connect(sqlite_target.url) as one:
+        pass
+    with cache.connect(sqlite_target.url) as two:
+        assert two is not one
+    assert cache._idle == []
