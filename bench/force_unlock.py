@@ -1,8 +1,8 @@
 """How long a force-unlock takes, end to end, through a real Celery worker.
 
-    .venv/bin/python bench/force_unlock.py [--runs N] [--warmup N] [--phases] [--variant NAME]
+    .venv/bin/python bench/force_unlock.py [--runs N] [--warmup N] [--phases]
                                            [--poll-interval-ms MS] [--raw FILE] [--check]
-    make bench                             (the defaults: 200 runs, 5 warm-up, no variant)
+    make bench                             (the defaults: 200 runs, 5 warm-up)
 
 Builds everything it needs on the local PostgreSQL and Redis and removes it at the end (also
 on Ctrl-C and errors): a console database, a runbook-convention target database registered as
@@ -13,9 +13,12 @@ before ``services.request_force_unlock(...)`` until the row is gone from the tar
 by a tight poll on a kept connection; the next run starts once the Operation has succeeded.
 The baseline is the bare ``DELETE FROM migration_lock`` on an open connection.
 
+It measures the code as it is, configured as deployed (settings from the environment, DEBUG
+off); this process stands in for the web process, so it freezes its start-up objects out of the
+garbage collector's reach as opsconsole/wsgi.py does.
+
 ``--phases`` also stamps each step, in this process and in the worker, and prints where the
-end-to-end time goes (see bench/phases.py). ``--variant NAME`` (repeatable) applies a candidate
-optimisation in this process and the worker, to measure it first (see bench/variants.py).
+end-to-end time goes (see bench/phases.py).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import harness  # noqa: E402 (needs the path above)
 import psycopg  # noqa: E402
-import variants  # noqa: E402
 
 TARGET_P50_MS = 15.0
 TARGET_P99_MS = 50.0
@@ -72,13 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--phases",
         action="store_true",
         help="stamp every step in this process and the worker and print the breakdown",
-    )
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        choices=sorted(variants.VARIANTS),
-        help="apply a candidate optimisation (repeatable; see bench/variants.py)",
     )
     parser.add_argument(
         "--poll-interval-ms",
@@ -175,7 +170,6 @@ def run(
     from migrations_ops import services
     from migrations_ops.actors import Actor
 
-    variants.apply(args.variant)  # before phases: its wrappers must wrap the variants
     call_command("migrate", verbosity=0, interactive=False)
     with psycopg.connect(target_url, autocommit=True) as conn:
         for statement in RUNBOOK_BOOKS:
@@ -199,10 +193,9 @@ def run(
 
         recorder = phases.install_request_side()
         worker_env["BENCH_PHASES_FILE"] = str(phases_file)
-    if args.variant:
-        worker_env[variants.ENV_VAR] = ",".join(args.variant)
-    if args.phases or args.variant:
         entry = (str(BENCH_DIR / "worker_main.py"),)
+    # As opsconsole/wsgi.py does in the web process, which this process stands in for.
+    gc.freeze()
 
     log_path = workdir / "worker.log"
     print(f"worker: celery solo pool on queue {queue} (log: {log_path})", file=sys.stderr)
@@ -360,6 +353,8 @@ def meets_target(gone: list[float]) -> bool:
 
 
 def report(args, end_to_end: list[dict], bare: list[float], load_before: float) -> None:
+    from django.conf import settings
+
     gone = [r["gone"] for r in end_to_end]
     print()
     print(
@@ -371,8 +366,11 @@ def report(args, end_to_end: list[dict], bare: list[float], load_before: float) 
         f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before the runs, "
         f"{os.getloadavg()[0]:.2f} after (other work on the machine skews the figures)"
     )
-    if args.variant:
-        print(f"variants applied (bench only, not the real code): {', '.join(args.variant)}")
+    print(
+        f"settings: TARGET_KEEP_CONNECTIONS={settings.TARGET_KEEP_CONNECTIONS}, "
+        f"console CONN_MAX_AGE={settings.DATABASES['default']['CONN_MAX_AGE']}, "
+        f"CELERY_DB_REUSE_MAX={settings.CELERY_DB_REUSE_MAX}"
+    )
     print(header(""))
     print(row("end to end: request -> lock row gone", gone))
     print(row("  request_force_unlock() returned", [r["returned"] for r in end_to_end]))
@@ -416,15 +414,25 @@ def report_phases(phase_runs: list[tuple]) -> None:
     for position, label in enumerate(after_labels):
         print(row(label, [run[1][position][1] for run in phase_runs]))
     print(header("inside the phases above"))
-    for side, position in (("request", 2), ("worker", 3)):
-        durations = [run[position]["durations"].get("console_connect", 0.0) for run in phase_runs]
-        print(row(f"{side}: new console DB connection(s)", durations))
-    for side, position in (("request", 2), ("worker", 3)):
+    sides = (("request", 2), ("worker", 3))
+    for kind in ("console", "target"):
+        for side, position in sides:
+            durations = [
+                run[position]["durations"].get(f"{kind}_connect", 0.0) for run in phase_runs
+            ]
+            print(row(f"{side}: new {kind} DB connection(s)", durations))
+    for side, position in sides:
         counts = phase_runs[0][position]["counts"]
+        connects = {
+            kind: sum(run[position]["counts"].get(f"{kind}_connect", 0) for run in phase_runs)
+            for kind in ("console", "target")
+        }
         print(
             f"{side}: {counts.get('console_queries', 0)} console queries, "
             f"{counts.get('target_statements', 0)} target statements, "
-            f"{counts.get('console_connect', 0)} console connects per operation"
+            f"{counts.get('target_pings', 0)} target pings per operation; "
+            f"{connects['console']} console and {connects['target']} target connects "
+            f"in {len(phase_runs)} runs"
         )
 
 

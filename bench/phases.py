@@ -1,5 +1,6 @@
-"""Phase timing for ``force_unlock.py --phases``: wraps a few service functions, in the bench
-process and in the worker, to stamp when each step starts and ends.
+"""Phase timing for ``force_unlock.py --phases``: wraps a few functions of migrations_ops
+(services and engine), in the bench process and in the worker, to stamp when each step starts
+and ends and to count queries and connections.
 
 Stamps are ``time.perf_counter()``, which on Linux is CLOCK_MONOTONIC: one clock for every
 process on the machine, so the bench's and the worker's stamps can be put on one timeline.
@@ -67,9 +68,10 @@ def _install_common() -> None:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from migrations_ops import engine, services
+    from migrations_ops.engine import connection as engine_connection
     from migrations_ops.engine.connection import TargetConnection
 
-    original_open_target = services.open_target
+    original_open_target = services.open_target  # looked up per call by services' callers
 
     @contextlib.contextmanager
     def open_target(target, **kwargs):
@@ -100,6 +102,27 @@ def _install_common() -> None:
 
     TargetConnection.transaction = transaction
 
+    # Both engine.connect and a ConnectionCache open PostgreSQL connections through
+    # _connect_postgresql, and a cache pings a kept connection with _alive before lending it.
+    original_connect_postgresql = engine_connection._connect_postgresql
+
+    def connect_postgresql(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original_connect_postgresql(*args, **kwargs)
+        finally:
+            RECORDER.add("target_connect", time.perf_counter() - start)
+
+    engine_connection._connect_postgresql = connect_postgresql
+
+    original_alive = engine_connection._alive
+
+    def alive(target_connection):
+        RECORDER.count("target_pings")
+        return original_alive(target_connection)
+
+    engine_connection._alive = alive
+
     original_connect = BaseDatabaseWrapper.connect
 
     def connect(self):
@@ -118,9 +141,7 @@ def _install_common() -> None:
     connection.execute_wrappers.append(count_queries)
 
     services.observe_lock = _timed(services.observe_lock, "observe")
-    engine.conventions.RunbookConvention.release_lock = _timed(
-        engine.conventions.RunbookConvention.release_lock, "release"
-    )
+    engine.Convention.release_lock = _timed(engine.Convention.release_lock, "release")
 
 
 def install_request_side() -> Recorder:
@@ -182,23 +203,24 @@ def read_worker_record(path: Path, operation_id: int, timeout: float = 10) -> di
 
 # One contiguous chain from "request starts" to "the bench sees the lock gone": the phases sum
 # to the end-to-end time exactly. (side, event) pairs; "bench" stamps come from the bench loop.
+# "target connection": a kept one (pinged before use) or, failing that, a new one.
 CHAIN = [
     ("bench", "start", None),
-    ("request", "target_connect.end", "request: permission check + connect to target"),
-    ("request", "target_close.end", "request: read lock (table checks + SELECT) + close"),
+    ("request", "target_connect.end", "request: permission check + target connection"),
+    ("request", "target_close.end", "request: read lock (table check + SELECT), give back"),
     ("request", "observe.end", "request: observe_lock (console transaction)"),
     ("request", "send.start", "request: Operation + AuditEvent insert + commit"),
     ("request", "send.end", "request: broker send (kombu -> Redis)"),
     ("worker", "received", "broker -> worker has the message"),
-    ("worker", "execute.start", "worker: message -> task body (Celery, Django fixup)"),
+    ("worker", "execute.start", "worker: message -> task body (Celery, task_prerun)"),
     ("worker", "target_connect.start", "worker: claim UPDATE + SELECT operation"),
-    ("worker", "target_connect.end", "worker: connect to target"),
-    ("worker", "release.end", "worker: release txn (checks, FOR UPDATE, DELETE, re-read, COMMIT)"),
+    ("worker", "target_connect.end", "worker: target connection"),
+    ("worker", "release.end", "worker: release txn (check, FOR UPDATE, DELETE, re-read, COMMIT)"),
     ("bench", "gone", "bench poll notices the lock is gone"),
 ]
 AFTER = [
     ("worker", "release.end", None),
-    ("worker", "target_close.end", "worker: close target connection"),
+    ("worker", "target_close.end", "worker: give the target connection back"),
     ("worker", "observe.end", "worker: observe_lock (console transaction)"),
     ("worker", "finish.end", "worker: _finish (Operation update + AuditEvent, commit)"),
     ("worker", "postrun", "worker: task return -> postrun"),

@@ -1,9 +1,9 @@
-"""``celery``, plus the bench's variants and phase stamps:
+"""``celery`` with the bench's phase stamps (``force_unlock.py --phases``):
 
     python bench/worker_main.py -A opsconsole worker ...
 
-Used by ``force_unlock.py --phases`` / ``--variant``; a plain run starts ``python -m celery``.
-BENCH_VARIANTS lists the variants to apply; BENCH_PHASES_FILE names the file for the stamps.
+BENCH_PHASES_FILE names the file for the stamps. A run without ``--phases`` starts
+``python -m celery``.
 """
 
 import os
@@ -20,9 +20,7 @@ def main() -> None:
     django.setup()
 
     import phases
-    import variants
 
-    variants.apply(variants.from_environment())  # first: the phase wrappers wrap the variants
     if os.environ.get("BENCH_PHASES_FILE"):
         phases.install_worker_side(Path(os.environ["BENCH_PHASES_FILE"]))
 
