@@ -17,13 +17,27 @@ from migrations_ops import services
 from migrations_ops.actors import Actor
 from migrations_ops.models import Environment, Target
 
+# filename -> (up, down), written as dbmate files into the demo's migrations folder.
 DEMO_MIGRATIONS = {
-    "001_create_customers.sql": "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)",
-    "002_create_orders.sql": (
-        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER, total NUMERIC)"
+    "001_create_customers.sql": (
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)",
+        "DROP TABLE customers",
     ),
-    "003_add_orders_customer_index.sql": "CREATE INDEX orders_customer ON orders (customer_id)",
+    "002_create_orders.sql": (
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER, total NUMERIC)",
+        "DROP TABLE orders",
+    ),
+    "003_add_orders_customer_index.sql": (
+        "CREATE INDEX orders_customer ON orders (customer_id)",
+        "DROP INDEX orders_customer",
+    ),
 }
+# Imported but not applied: something to preview with a dry run and apply.
+PENDING_MIGRATION = (
+    "004_add_orders_status.sql",
+    "ALTER TABLE orders ADD COLUMN status TEXT NOT NULL DEFAULT 'new'",
+    "ALTER TABLE orders DROP COLUMN status",
+)
 
 
 @dataclass
@@ -47,9 +61,23 @@ def load_demo(directory: Path) -> DemoResult:
             _upsert_target("orders-demo", stuck, Environment.STAGING),
             _upsert_target("billing-demo", healthy, Environment.DEVELOPMENT),
         ]
+    migrations = _write_migrations_folder(directory / "migrations")
     for target in targets:
-        services.read_target_status(target, include_applied=False)
+        target.scripts.all().delete()
+        services.import_scripts(
+            actor=Actor.shell_operator(), target=target, directory=str(migrations)
+        )
     return DemoResult(username, password, targets)
+
+
+def _write_migrations_folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.sql"):
+        old.unlink()
+    scripts = {**DEMO_MIGRATIONS, PENDING_MIGRATION[0]: PENDING_MIGRATION[1:]}
+    for filename, (up, down) in scripts.items():
+        (path / filename).write_text(f"-- migrate:up\n{up};\n\n-- migrate:down\n{down};\n")
+    return path
 
 
 def _write_runbook_database(path: Path, lock: tuple[str, dt.datetime] | None) -> Path:
@@ -64,7 +92,7 @@ def _write_runbook_database(path: Path, lock: tuple[str, dt.datetime] | None) ->
             "locked_at TIMESTAMP NOT NULL, locked_by TEXT)"
         )
         applied_at = timezone.now() - dt.timedelta(days=len(DEMO_MIGRATIONS))
-        for filename, statement in DEMO_MIGRATIONS.items():
+        for filename, (statement, _) in DEMO_MIGRATIONS.items():
             connection.execute(statement)
             connection.execute(
                 "INSERT INTO migrations (filename, applied_at) VALUES (?, ?)",

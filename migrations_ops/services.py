@@ -537,10 +537,23 @@ def _require_confirmation(target: Target, confirm_name: str | None, what: str) -
         raise InvalidRequest(f"{target.name} is a production target: type its name to {what}")
 
 
-def _live_books(target: Target) -> list[engine.AppliedMigration]:
+def _live_books(
+    target: Target, *, refuse_stale_lock: bool = False
+) -> list[engine.AppliedMigration]:
     status = read_target_status(target)
     if status.error:
         raise TargetUnavailable(f"{target.name}: {status.error}")
+    observation = status.observation
+    if (
+        refuse_stale_lock
+        and observation.state(timezone.now(), target.lock_timeout) == LockState.STALE
+    ):
+        holder = f" by {observation.holder}" if observation.holder else ""
+        raise ServiceError(
+            f"the migration lock of {target.name} is stale (held{holder} longer than its "
+            f"{target.lock_timeout_seconds} s timeout): waiting will not free it; force-release "
+            "it first"
+        )
     return status.applied
 
 
@@ -580,7 +593,7 @@ def request_apply(
     scripts = engine_scripts(target)
     if not scripts:
         raise ServiceError(_no_scripts_hint(target))
-    applied = _live_books(target)
+    applied = _live_books(target, refuse_stale_lock=True)
     try:
         chosen = engine.plan.pending(applied, scripts, to_version)
     except engine.EngineError as error:
@@ -622,7 +635,7 @@ def request_rollback(
         require_permission(actor, "migrations_ops.run_migrations", "roll back migrations")
         reason = _require_reason(reason, "roll back a migration")
         _require_confirmation(target, confirm_name, "confirm the rollback")
-    applied = _live_books(target)
+    applied = _live_books(target, refuse_stale_lock=True)
     try:
         entry, script = engine.plan.rollback_choice(
             applied, engine_scripts(target), version, out_of_order=out_of_order

@@ -129,5 +129,7 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "kombu": {"level": "WARNING"},
+        # In-process tasks would print a line per task into every CLI command's output.
+        "celery.app.trace": {"level": "WARNING" if CELERY_TASK_ALWAYS_EAGER else "INFO"},
     },
 }

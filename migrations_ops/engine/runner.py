@@ -162,6 +162,7 @@ def acquire_lock(
     """Take the target's migration lock: each attempt waits at most ``lock_wait_seconds``,
     and ``max_retries`` more attempts follow the first. Returns the attempts it took."""
     attempts = 1 + max(0, settings.max_retries)
+    _refuse_stale_lock(connection, convention, settings)
     for attempt in range(1, attempts + 1):
         deadline = time.monotonic() + settings.lock_wait_seconds
         while True:
@@ -180,6 +181,22 @@ def acquire_lock(
         f"the migration lock is held{holder}{since} ({describe_rows(lock.rows)}); gave up after "
         f"{attempts} attempt(s) of {settings.lock_wait_seconds:g} s: nothing was changed"
     )
+
+
+def _refuse_stale_lock(
+    connection: TargetConnection, convention: Convention, settings: RunSettings
+) -> None:
+    """A lock older than the lock timeout will not be released by waiting: its holder is gone."""
+    lock = convention.read_lock(connection)
+    if not (lock.held and lock.locked_at):
+        return
+    age = (dt.datetime.now(dt.UTC) - lock.locked_at).total_seconds()
+    if age > settings.lock_wait_seconds:
+        holder = f" by {lock.holder}" if lock.holder else ""
+        raise LockBusy(
+            f"the migration lock is stale (held{holder} for {int(age)} s, longer than the lock "
+            f"timeout of {settings.lock_wait_seconds:g} s): release it first; nothing was changed"
+        )
 
 
 def _release(connection: TargetConnection, convention: Convention, holder: str, log: Log) -> None:
