@@ -425,6 +425,7 @@ class ImportReport:
     updated: list[str]
     unchanged: list[str]
     drift: list[str]
+    removed: list[str]
     missing: list[str]
 
     def as_dict(self) -> dict:
@@ -433,13 +434,16 @@ class ImportReport:
             "updated": self.updated,
             "unchanged": self.unchanged,
             "drift": self.drift,
+            "removed": self.removed,
             "missing": self.missing,
         }
 
 
 def import_scripts(*, actor: Actor, target: Target, directory: str) -> ImportReport:
     """Store the migrations folder's scripts. A changed script whose migration is applied on
-    the target (or whose state cannot be read) is not replaced: it is recorded as drift."""
+    the target (or whose state cannot be read) is not replaced: it is recorded as drift. A
+    script gone from the folder (a reverted migration) is dropped if it is not applied, and
+    kept, reported missing, if it is."""
     require_permission(actor, "migrations_ops.import_scripts", "import migration scripts")
     try:
         parsed = engine.parse_directory(directory)
@@ -447,7 +451,7 @@ def import_scripts(*, actor: Actor, target: Target, directory: str) -> ImportRep
         raise InvalidRequest(str(error)) from None
     applied = _applied_or_none(target)
     existing = {script.version: script for script in target.scripts.all()}
-    report = ImportReport([], [], [], [], [])
+    report = ImportReport([], [], [], [], [], [])
     now = timezone.now()
     with transaction.atomic():
         for script in parsed:
@@ -470,7 +474,12 @@ def import_scripts(*, actor: Actor, target: Target, directory: str) -> ImportRep
                 updated.pk = row.pk
                 updated.save()
                 report.updated.append(script.filename)
-        report.missing = sorted(row.filename for row in existing.values())
+        for row in sorted(existing.values(), key=lambda row: row.filename):
+            if applied is not None and engine.plan.applied_for(row, applied) is None:
+                row.delete()
+                report.removed.append(row.filename)
+            else:
+                report.missing.append(row.filename)
         record_audit_event(
             actor,
             "scripts.imported",
@@ -764,12 +773,15 @@ def _run_rollback(operation: Operation, log: list[str]) -> dict:
     params = operation.params
     with open_target(target) as connection:
         applied = convention.read_applied(connection)
-        entry, script = engine.plan.rollback_choice(
-            applied,
-            engine_scripts(target),
-            params["version"],
-            out_of_order=params.get("out_of_order", False),
-        )
+        try:
+            entry, script = engine.plan.rollback_choice(
+                applied,
+                engine_scripts(target),
+                params["version"],
+                out_of_order=params.get("out_of_order", False),
+            )
+        except engine.plan.PlanError as error:
+            raise engine.EngineError(f"the books changed since the request: {error}") from None
         if entry.name != params["book_name"]:
             raise engine.EngineError(
                 f"the books changed since the request ({entry.name} instead of "

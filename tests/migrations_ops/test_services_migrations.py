@@ -1,0 +1,398 @@
+"""Import, apply, rollback, dry run, mark, verify, cleanup through the services."""
+
+import datetime as dt
+import threading
+
+import pytest
+from django.db import connection as console_connection
+
+from migrations_ops import engine, services
+from migrations_ops.actors import Actor
+from migrations_ops.models import (
+    AuditEvent,
+    Door,
+    Environment,
+    MigrationScript,
+    Operation,
+    OperationStatus,
+)
+from tests.factories import TargetFactory, UserFactory
+from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
+
+pytestmark = pytest.mark.django_db
+
+OPERATOR = Actor.shell_operator()
+
+
+def catalog_of(target_db):
+    with engine.connect(target_db.url, schema=target_db.schema) as connection:
+        return engine.snapshot(connection)
+
+
+def books_of(target_db):
+    return [row[0] for row in target_db.query("SELECT filename FROM migrations ORDER BY filename")]
+
+
+def run(operation):
+    """Run the operation's task body in this process, as the worker would."""
+    return services.execute_operation(operation.pk, worker="test-worker")
+
+
+@pytest.fixture
+def runbook_target(any_target, tmp_path):
+    """Books with 001 and 002 applied (their SQL really run), 003 pending in the folder."""
+    any_target.create_runbook_books()
+    apply_directly(any_target, USERS, EMAIL)
+    target = TargetFactory(db=any_target, name="orders", lock_timeout_seconds=2, max_retries=0)
+    services.import_scripts(
+        actor=OPERATOR, target=target, directory=write_folder(tmp_path / "m", USERS, EMAIL, ORDERS)
+    )
+    target.db = any_target
+    target.folder = tmp_path / "m"
+    return target
+
+
+# --- import ------------------------------------------------------------------------------------
+def test_import_stores_scripts_and_reports_drift_of_applied_ones(runbook_target):
+    folder = runbook_target.folder
+    assert list(runbook_target.scripts.values_list("version", flat=True)) == ["001", "002", "003"]
+    email = MigrationScript.objects.get(target=runbook_target, version="002")
+    original_checksum = email.checksum
+
+    changed_email = (EMAIL[0], "ALTER TABLE users ADD COLUMN email VARCHAR(320);", EMAIL[2])
+    changed_orders = (ORDERS[0], ORDERS[1] + "\nCREATE INDEX orders_id ON orders (id);", ORDERS[2])
+    write_folder(folder, USERS, changed_email, changed_orders)
+    report = services.import_scripts(actor=OPERATOR, target=runbook_target, directory=folder)
+
+    assert report.drift == ["002_add_email.sql"]  # applied: its SQL is not replaced
+    assert report.updated == ["003_create_orders.sql"]  # pending: replaced
+    assert report.unchanged == ["001_create_users.sql"]
+    email.refresh_from_db()
+    assert email.checksum == original_checksum
+    assert "VARCHAR" not in email.up_sql
+    assert email.drift_checksum and email.drift_checksum != original_checksum
+    event = AuditEvent.objects.filter(action="scripts.imported").latest("id")
+    assert event.details["drift"] == ["002_add_email.sql"]
+
+
+def test_line_endings_do_not_count_as_a_change(runbook_target):
+    for path in runbook_target.folder.glob("*.sql"):
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    report = services.import_scripts(
+        actor=OPERATOR, target=runbook_target, directory=runbook_target.folder
+    )
+    assert len(report.unchanged) == 3 and not report.drift and not report.updated
+
+
+def test_a_reverted_migration_leaves_the_store_unless_applied(runbook_target):
+    write_folder(runbook_target.folder, USERS)
+    report = services.import_scripts(
+        actor=OPERATOR, target=runbook_target, directory=runbook_target.folder
+    )
+    assert report.removed == ["003_create_orders.sql"]
+    assert report.missing == ["002_add_email.sql"]
+    assert list(runbook_target.scripts.values_list("version", flat=True)) == ["001", "002"]
+
+
+def test_an_unparsable_folder_stores_nothing(runbook_target):
+    (runbook_target.folder / "004_broken.sql").write_text("-- migrate:down\nDROP TABLE x;\n")
+    (runbook_target.folder / "005_new.sql").write_text("-- migrate:up\nCREATE TABLE y (a int);\n")
+    with pytest.raises(services.InvalidRequest, match=r"004_broken\.sql:1: "):
+        services.import_scripts(
+            actor=OPERATOR, target=runbook_target, directory=runbook_target.folder
+        )
+    assert runbook_target.scripts.count() == 3
+
+
+# --- apply -------------------------------------------------------------------------------------
+def test_apply_runs_pending_migrations_and_records_them(runbook_target):
+    before = catalog_of(runbook_target.db)
+    operation = services.request_apply(actor=OPERATOR, target=runbook_target, reason="release 42")
+    assert operation.params["migrations"] == ["003_create_orders.sql"]
+    operation = run(operation)
+
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    assert "orders" in catalog_of(runbook_target.db).tables
+    assert "orders" not in before.tables
+    assert books_of(runbook_target.db)[-1] == "003_create_orders.sql"
+    assert runbook_target.db.runbook_lock_rows() == []
+    kinds = {change["kind"] for change in operation.result["changes"]}
+    assert {"table_added", "index_added"} <= kinds
+    assert [s["line"] for s in operation.result["statements"]] == [2, 3]
+
+
+def test_dry_run_reports_real_effects_and_changes_nothing(runbook_target):
+    before = catalog_of(runbook_target.db)
+    operation = run(services.request_apply(actor=OPERATOR, target=runbook_target, dry_run=True))
+    assert operation.status == OperationStatus.SUCCEEDED
+    assert operation.result["dry_run"] is True and operation.result["committed"] is False
+    assert {"kind": "table_added", "object": "orders"}.items() <= operation.result["changes"][
+        0
+    ].items()
+    assert catalog_of(runbook_target.db) == before
+    assert "003_create_orders.sql" not in books_of(runbook_target.db)
+    assert operation.reason == "dry run"
+
+
+def test_nothing_to_apply_and_unknown_versions_are_refused(runbook_target):
+    with pytest.raises(services.ServiceError, match="unknown version 009: known versions: 001"):
+        services.request_apply(actor=OPERATOR, target=runbook_target, reason="x", to_version="009")
+    run(services.request_apply(actor=OPERATOR, target=runbook_target, reason="x"))
+    with pytest.raises(services.ServiceError, match="nothing to apply"):
+        services.request_apply(actor=OPERATOR, target=runbook_target, reason="x")
+
+
+def test_knex_targets_need_sql_scripts(sqlite_target):
+    sqlite_target.create_knex_books()
+    target = TargetFactory(db=sqlite_target, convention="knex")
+    with pytest.raises(services.ServiceError, match="uses Knex, whose migrations are JavaScript"):
+        services.request_apply(actor=OPERATOR, target=target, reason="x")
+    with pytest.raises(services.ServiceError, match="uses Knex, whose migrations are JavaScript"):
+        services.request_rollback(actor=OPERATOR, target=target, reason="x")
+
+
+def test_a_failing_apply_leaves_the_target_exactly_as_before(runbook_target):
+    broken = (ORDERS[0], ORDERS[1] + "\nINSERT INTO nowhere VALUES (1);", ORDERS[2])
+    write_folder(runbook_target.folder, USERS, EMAIL, broken)
+    services.import_scripts(actor=OPERATOR, target=runbook_target, directory=runbook_target.folder)
+    before = catalog_of(runbook_target.db)
+
+    operation = run(services.request_apply(actor=OPERATOR, target=runbook_target, reason="x"))
+
+    assert operation.status == OperationStatus.FAILED
+    assert "003_create_orders.sql (up) statement 3 at line 4 failed" in operation.error
+    assert "nowhere" in operation.error
+    assert len(operation.result["statements"]) == 2  # what ran before the failure
+    assert catalog_of(runbook_target.db) == before
+    assert "003_create_orders.sql" not in books_of(runbook_target.db)
+    assert runbook_target.db.runbook_lock_rows() == []
+
+
+# --- rollback ----------------------------------------------------------------------------------
+def test_rollback_of_the_latest_migration(runbook_target):
+    operation = run(
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="bad column")
+    )
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    assert operation.params["book_name"] == "002_add_email.sql"
+    columns = [c.name for c in catalog_of(runbook_target.db).tables["users"]]
+    assert "email" not in columns
+    assert books_of(runbook_target.db) == ["001_create_users.sql"]
+    assert runbook_target.db.runbook_lock_rows() == []
+
+
+def test_rollback_rules(runbook_target):
+    with pytest.raises(services.InvalidRequest, match="a reason is required"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason=" ")
+    with pytest.raises(services.ServiceError, match="needs the explicit out-of-order override"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x", version="001")
+    with pytest.raises(services.ServiceError, match="version 003 is not applied"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x", version="003")
+    operation = run(
+        services.request_rollback(
+            actor=OPERATOR, target=runbook_target, reason="x", version="001", out_of_order=True
+        )
+    )
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    assert books_of(runbook_target.db) == ["002_add_email.sql"]
+
+
+def test_rollback_refused_when_the_books_changed_since_the_request(runbook_target):
+    operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+    runbook_target.db.execute("DELETE FROM migrations WHERE filename = '002_add_email.sql'")
+    operation = run(operation)
+    assert operation.status == OperationStatus.FAILED
+    assert "the books changed since the request" in operation.error
+
+
+def test_a_lock_held_by_someone_else_makes_the_operation_wait_then_fail(runbook_target):
+    runbook_target.db.take_runbook_lock(locked_by="app-migrator pid 77")
+    operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+    before = catalog_of(runbook_target.db)
+    operation = run(operation)
+    assert operation.status == OperationStatus.FAILED
+    assert "held by app-migrator pid 77" in operation.error
+    assert catalog_of(runbook_target.db) == before
+    assert runbook_target.db.runbook_lock_rows() == [(1, "app-migrator pid 77")]
+
+
+def test_a_stale_lock_is_refused_at_request_time(runbook_target):
+    runbook_target.db.take_runbook_lock(lock_age=dt.timedelta(minutes=5), locked_by="crashed")
+    with pytest.raises(services.ServiceError, match="is stale .* force-release it first"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+
+
+def test_permissions_split_dry_runs_from_real_runs(runbook_target):
+    reviewer = UserFactory(
+        permissions=["migrations_ops.view_target", "migrations_ops.dry_run_migrations"]
+    )
+    actor = Actor.for_user(reviewer, Door.API)
+    assert services.request_apply(actor=actor, target=runbook_target, dry_run=True)
+    Operation.objects.all().delete()
+    with pytest.raises(services.PermissionDenied, match="not allowed to apply migrations"):
+        services.request_apply(actor=actor, target=runbook_target, reason="x")
+    with pytest.raises(services.PermissionDenied, match="not allowed to roll back"):
+        services.request_rollback(actor=actor, target=runbook_target, reason="x")
+    with pytest.raises(services.PermissionDenied, match="not allowed to fix the books"):
+        services.request_mark(
+            actor=actor, target=runbook_target, version="003", reason="x", applied=True
+        )
+
+
+def test_production_operations_need_the_typed_name(runbook_target):
+    runbook_target.environment = Environment.PRODUCTION
+    runbook_target.save()
+    with pytest.raises(services.InvalidRequest, match="production target: type its name"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+    assert services.request_rollback(
+        actor=OPERATOR, target=runbook_target, reason="x", confirm_name="orders"
+    )
+
+
+# --- fixing the books, verify, cleanup ---------------------------------------------------------
+def test_mark_applied_and_rolled_back_change_only_the_books(runbook_target):
+    before = catalog_of(runbook_target.db)
+    marked = run(
+        services.request_mark(
+            actor=OPERATOR, target=runbook_target, version="003", reason="ran by hand", applied=True
+        )
+    )
+    assert marked.status == OperationStatus.SUCCEEDED, marked.error
+    assert books_of(runbook_target.db)[-1] == "003_create_orders.sql"
+    assert [m["name"] for m in marked.result["after"]][-1] == "003_create_orders.sql"
+    assert len(marked.result["after"]) == len(marked.result["before"]) + 1
+    unmarked = run(
+        services.request_mark(
+            actor=OPERATOR, target=runbook_target, version="003", reason="undo", applied=False
+        )
+    )
+    assert unmarked.status == OperationStatus.SUCCEEDED
+    assert "003_create_orders.sql" not in books_of(runbook_target.db)
+    assert catalog_of(runbook_target.db) == before
+    with pytest.raises(services.ServiceError, match="not recorded as applied"):
+        services.request_mark(
+            actor=OPERATOR, target=runbook_target, version="003", reason="x", applied=False
+        )
+
+
+def test_verify_names_every_problem(runbook_target):
+    runbook_target.db.execute(
+        "INSERT INTO migrations (filename, applied_at) VALUES ('000_legacy.sql', CURRENT_TIMESTAMP)"
+    )
+    operation = run(services.request_verify(actor=OPERATOR, target=runbook_target))
+    codes = sorted(p["code"] for p in operation.result["problems"])
+    assert codes == ["applied_unknown", "out_of_order", "pending"]
+    assert operation.result["ok"] is False
+
+    runbook_target.db.execute("DELETE FROM migrations WHERE filename = '000_legacy.sql'")
+    run(services.request_apply(actor=OPERATOR, target=runbook_target, reason="x"))
+    assert run(services.request_verify(actor=OPERATOR, target=runbook_target)).result["ok"]
+
+
+def test_verify_finds_invalid_indexes_and_stale_locks(pg_target, tmp_path):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=10))
+    apply_directly(pg_target, USERS, EMAIL)
+    pg_target.execute("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'a')")
+    with pytest.raises(Exception, match="could not create unique index"):
+        pg_target.execute("CREATE UNIQUE INDEX CONCURRENTLY users_name ON users (name)")
+    target = TargetFactory(db=pg_target)
+    services.import_scripts(
+        actor=OPERATOR, target=target, directory=write_folder(tmp_path, USERS, EMAIL)
+    )
+    problems = run(services.request_verify(actor=OPERATOR, target=target)).result["problems"]
+    assert sorted(p["code"] for p in problems) == ["invalid_index", "stale_lock"]
+    assert any("users_name" in p["message"] for p in problems)
+
+
+def test_verify_reports_drift(runbook_target):
+    write_folder(
+        runbook_target.folder, USERS, (EMAIL[0], "ALTER TABLE users ADD COLUMN e TEXT;", ""), ORDERS
+    )
+    services.import_scripts(actor=OPERATOR, target=runbook_target, directory=runbook_target.folder)
+    problems = run(services.request_verify(actor=OPERATOR, target=runbook_target)).result[
+        "problems"
+    ]
+    changed = [p for p in problems if p["code"] == "changed"]
+    assert (
+        len(changed) == 1
+        and "002_add_email.sql changed since it was applied" in changed[0]["message"]
+    )
+
+
+def test_cleanup_removes_a_stale_lock_and_leaves_a_fresh_one(runbook_target):
+    runbook_target.db.take_runbook_lock(lock_age=dt.timedelta(minutes=5), locked_by="crashed")
+    runbook_target.db.execute("INSERT INTO migration_lock (id, locked_by) VALUES (2, 'dup')")
+    operation = run(services.request_cleanup(actor=OPERATOR, target=runbook_target, reason="x"))
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    assert runbook_target.db.runbook_lock_rows() == []
+    assert len(operation.result["changes"]) == 2
+
+    runbook_target.db.take_runbook_lock(locked_by="live deploy")
+    operation = run(services.request_cleanup(actor=OPERATOR, target=runbook_target, reason="x"))
+    assert runbook_target.db.runbook_lock_rows() == [(1, "live deploy")]
+    assert operation.result["changes"] == ["the lock is held but not stale: left alone"]
+
+
+# --- the runbook's Scenario 1, end to end --------------------------------------------------------
+def test_scenario_1_failed_migration_recovery(pg_target, tmp_path):
+    """A migration failed half-way and left the lock held: status shows it, unlock, rollback,
+    then (the migration reverted in the application) verify is clean."""
+    pg_target.create_runbook_books(applied=(USERS[0], EMAIL[0], ORDERS[0]), lock_age=None)
+    apply_directly(pg_target, USERS, EMAIL)
+    pg_target.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER)")  # half
+    pg_target.take_runbook_lock(lock_age=dt.timedelta(minutes=3), locked_by="deploy-13 (OOM)")
+    target = TargetFactory(db=pg_target, name="shop", max_retries=0)
+    folder = write_folder(tmp_path, USERS, EMAIL, (ORDERS[0], ORDERS[1], "DROP TABLE orders;"))
+    services.import_scripts(actor=OPERATOR, target=target, directory=folder)
+
+    status = services.read_target_status(target)
+    assert status.observation.state(status.observation.observed_at, target.lock_timeout) == "stale"
+    assert status.observation.holder == "deploy-13 (OOM)"
+
+    assert (
+        run(services.request_force_unlock(actor=OPERATOR, target=target, reason="OOM")).status
+        == OperationStatus.SUCCEEDED
+    )
+    rollback = run(services.request_rollback(actor=OPERATOR, target=target, reason="half-applied"))
+    assert rollback.status == OperationStatus.SUCCEEDED, rollback.error
+    assert "orders" not in catalog_of(pg_target).tables
+
+    write_folder(tmp_path, USERS, EMAIL)  # the application reverts the migration
+    services.import_scripts(actor=OPERATOR, target=target, directory=tmp_path)
+    verify = run(services.request_verify(actor=OPERATOR, target=target))
+    assert verify.result == {"ok": True, "problems": [], "applied": 2, "scripts": 2}
+
+
+# --- two rollbacks at the same moment ------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_two_simultaneous_rollbacks_run_once(pg_target, tmp_path):
+    pg_target.create_runbook_books()
+    apply_directly(pg_target, USERS, EMAIL)
+    target = TargetFactory(db=pg_target, lock_timeout_seconds=2, max_retries=0)
+    services.import_scripts(
+        actor=OPERATOR, target=target, directory=write_folder(tmp_path, USERS, EMAIL)
+    )
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def request():
+        try:
+            barrier.wait()
+            outcomes.append(
+                services.request_rollback(actor=OPERATOR, target=target, reason="race").status
+            )
+        except services.ServiceError as error:
+            outcomes.append(str(error))
+        finally:
+            console_connection.close()
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert Operation.objects.filter(kind="rollback").count() == 1
+    refused = [o for o in outcomes if o not in ("queued", "succeeded")]
+    assert len(refused) == 1 and "already in progress" in refused[0]
+    assert books_of(pg_target) == ["001_create_users.sql"]
