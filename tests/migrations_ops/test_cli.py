@@ -162,3 +162,97 @@ def test_unlock_without_waiting_leaves_the_operation_queued(pg_target):
     assert caught.value.returncode == 2
     assert Operation.objects.get().status == "queued"
     assert len(pg_target.runbook_lock_rows()) == 1
+
+
+# --- migrations: import, up, rollback, verify, cleanup, mark --------------------------------------
+@pytest.fixture
+def shop(pg_target, tmp_path):
+    """A committed target (the CLI waits for in-process tasks, which run on commit)."""
+    from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
+
+    pg_target.create_runbook_books()
+    apply_directly(pg_target, USERS, EMAIL)
+    TargetFactory(db=pg_target, name="shop", lock_timeout_seconds=2, max_retries=0)
+    folder = write_folder(tmp_path / "migrations", USERS, EMAIL, ORDERS)
+    return pg_target, folder
+
+
+@pytest.mark.django_db(transaction=True)
+def test_import_up_rollback_verify_from_the_command_line(shop):
+    target_db, folder = shop
+    printed = ops("import", "--target", "shop", "--dir", str(folder))
+    assert "imported into shop: 3 added, 0 updated, 0 unchanged, 0 drift" in printed
+
+    with pytest.raises(CommandError) as caught:
+        ops("verify", "--target", "shop")
+    assert str(caught.value) == "pending: 003_create_orders.sql is pending"
+
+    preview = ops("up", "--target", "shop", "--dry-run")
+    assert "003_create_orders.sql (up) line 2: CREATE TABLE orders" in preview
+    assert "table_added: orders" in preview
+    assert "dry run: rolled back, nothing was changed" in preview
+
+    with pytest.raises(CommandError, match="a reason is required to apply migrations"):
+        ops("up", "--target", "shop")
+    applied = ops("up", "--target", "shop", "--reason", "release 7")
+    assert "books: recorded 003_create_orders.sql as applied" in applied
+    assert ops("verify", "--target", "shop").strip().endswith("0 problem(s)")
+
+    rolled_back = ops("rollback", "--target", "shop", "--reason", "orders broke checkout")
+    assert "books: removed 003_create_orders.sql from the books" in rolled_back
+    assert target_db.query("SELECT to_regclass('orders') IS NULL")[0][0] is True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verify_json_and_one_line_per_problem(shop):
+    target_db, folder = shop
+    ops("import", "--target", "shop", "--dir", str(folder))
+    target_db.execute(
+        "INSERT INTO migrations (filename, applied_at) VALUES ('000_legacy.sql', now())"
+    )
+    out = io.StringIO()
+    with pytest.raises(CommandError) as caught:
+        call_command("ops", "verify", "--target", "shop", "--json", stdout=out)
+    report = json.loads(out.getvalue())
+    assert report["ok"] is False
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(report["problems"]) == 3
+    assert lines[0] == "applied_unknown: 000_legacy.sql is applied but no script is known for it"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reimport_with_drift_exits_non_zero(shop):
+    from tests.scripts_folder import EMAIL, ORDERS, USERS, write_folder
+
+    _, folder = shop
+    ops("import", "--target", "shop", "--dir", str(folder))
+    write_folder(folder, USERS, (EMAIL[0], "ALTER TABLE users ADD COLUMN e TEXT;", ""), ORDERS)
+    with pytest.raises(CommandError, match=r"NOT replaced \(drift\): 002_add_email.sql"):
+        ops("import", "--target", "shop", "--dir", str(folder))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cleanup_and_fixing_the_books(shop):
+    target_db, folder = shop
+    ops("import", "--target", "shop", "--dir", str(folder))
+    target_db.take_runbook_lock(lock_age=dt.timedelta(minutes=5), locked_by="gone")
+    assert "removed the stale lock row" in ops("cleanup", "--target", "shop", "--reason", "x")
+    assert target_db.runbook_lock_rows() == []
+
+    printed = ops("mark-applied", "--target", "shop", "--version", "003", "--reason", "by hand")
+    assert "recorded 003_create_orders.sql as applied (no SQL run)" in printed
+    printed = ops("mark-rolled-back", "--target", "shop", "--version", "003", "--reason", "undo")
+    assert "removed 003_create_orders.sql from the books (no SQL run)" in printed
+    with pytest.raises(CommandError, match="unknown version 042"):
+        ops("mark-applied", "--target", "shop", "--version", "042", "--reason", "x")
+
+
+def test_import_of_a_bad_folder_is_one_line(pg_target, tmp_path):
+    TargetFactory(db=pg_target, name="shop")
+    (tmp_path / "001_x.sql").write_text("-- migrate:up\nSELECT 1;\n-- migrate:sideways\n")
+    with pytest.raises(CommandError) as caught:
+        ops("import", "--target", "shop", "--dir", str(tmp_path))
+    assert str(caught.value).startswith(f"{tmp_path.name}/001_x.sql:3: ")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(CommandError, match="nope"):
+        ops("import", "--target", "shop", "--dir", str(tmp_path / "nope"))

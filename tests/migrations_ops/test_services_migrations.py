@@ -218,7 +218,7 @@ def test_a_lock_held_by_someone_else_makes_the_operation_wait_then_fail(runbook_
 
 def test_a_stale_lock_is_refused_at_request_time(runbook_target):
     runbook_target.db.take_runbook_lock(lock_age=dt.timedelta(minutes=5), locked_by="crashed")
-    with pytest.raises(services.ServiceError, match="is stale .* force-release it first"):
+    with pytest.raises(services.ServiceError, match=r"is stale .* force-release it first"):
         services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
 
 
