@@ -866,7 +866,7 @@ def _run_cleanup(operation: Operation, log: list[str]) -> dict:
         lock = convention.read_lock(connection)
         observation = observe_lock(target, lock)
         stale = observation.state(timezone.now(), target.lock_timeout) == LockState.STALE
-        changes = convention.repair_lock_table(connection, release=stale)
+        changes = convention.repair_lock_table(connection, release=stale, expected_rows=lock.rows)
         after = convention.read_lock(connection)
     observe_lock(target, after)
     if lock.held and not stale:

@@ -131,7 +131,10 @@ class TargetConnection:
         try:
             yield
         except BaseException:
-            self.raw.execute("ROLLBACK")
+            # SQLite rolls some failures back by itself (an interrupted statement, ON CONFLICT
+            # ROLLBACK): a second ROLLBACK would fail and hide the error that caused it.
+            if self.raw.in_transaction:
+                self.raw.execute("ROLLBACK")
             raise
         self.raw.execute("COMMIT")
 

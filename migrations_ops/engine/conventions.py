@@ -191,10 +191,30 @@ class Convention:
     def next_batch(self, connection: TargetConnection) -> int:
         return 1
 
-    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+    def repair_lock_table(
+        self,
+        connection: TargetConnection,
+        *,
+        release: bool,
+        expected_rows: list[dict[str, Any]] | None = None,
+    ) -> list[str]:
         """The runbook's ``migrate:cleanup``: make the lock table well-formed and, when
-        ``release`` (the caller found the lock stale), free it. Returns what it changed."""
+        ``release`` (the caller found the lock stale), free it — only if it is still
+        ``expected_rows``, the lock the caller judged. Returns what it changed."""
         raise NotImplementedError
+
+
+def _still_the_lock_judged_stale(
+    rows: list[dict[str, Any]],
+    release: bool,
+    expected_rows: list[dict[str, Any]] | None,
+    changes: list[str],
+) -> bool:
+    """A lock re-taken since it was judged stale belongs to a live holder: never release it."""
+    if release and expected_rows is not None and rows != expected_rows:
+        changes.append("the lock changed since it was found stale: left alone")
+        return False
+    return release
 
 
 def describe_rows(rows: list[dict[str, Any]]) -> str:
@@ -275,13 +295,22 @@ class RunbookConvention(Convention):
             [name],
         )
 
-    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+    def repair_lock_table(
+        self,
+        connection: TargetConnection,
+        *,
+        release: bool,
+        expected_rows: list[dict[str, Any]] | None = None,
+    ) -> list[str]:
         table = connection.quote(self.lock_table)
         changes = []
         with connection.transaction():
             rows = self.read_lock(connection, for_update=True).rows
+            release = _still_the_lock_judged_stale(rows, release, expected_rows, changes)
             extra = [row for row in rows if row.get("id") != 1]
-            if extra:
+            # Every row holds the lock: without ``release``, extra rows go only while the id 1
+            # row keeps it held, so that tidying never frees a lock that is not stale.
+            if extra and (release or len(rows) > len(extra)):
                 connection.execute(
                     f"DELETE FROM {table} WHERE id IS NULL OR id <> 1"  # noqa: S608
                 )
@@ -359,18 +388,28 @@ class KnexConvention(Convention):
         )
         return int(rows[0]["batch"] or 0) + 1
 
-    def repair_lock_table(self, connection: TargetConnection, *, release: bool) -> list[str]:
+    def repair_lock_table(
+        self,
+        connection: TargetConnection,
+        *,
+        release: bool,
+        expected_rows: list[dict[str, Any]] | None = None,
+    ) -> list[str]:
         # Knex expects exactly one row: it inserts it when missing, and so does this.
         table = connection.quote(self.lock_table)
         index = connection.quote("index")
         changes = []
         with connection.transaction():
             rows = self.read_lock(connection, for_update=True).rows
+            release = _still_the_lock_judged_stale(rows, release, expected_rows, changes)
             if not rows:
                 connection.execute(f"INSERT INTO {table} (is_locked) VALUES (0)")  # noqa: S608
                 changes.append("inserted the missing lock row (is_locked = 0)")
             elif len(rows) > 1:
-                keep = min(row["index"] for row in rows)
+                # Without ``release``, keep a row that holds the lock, if any does, so that
+                # tidying never frees a lock that is not stale.
+                held = [row["index"] for row in rows if self.row_holds_lock(row)]
+                keep = min(held) if held and not release else min(row["index"] for row in rows)
                 connection.execute(
                     f"DELETE FROM {table} WHERE {index} <> {connection.placeholder}",  # noqa: S608
                     [keep],

@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from migrations_ops.engine import AppliedMigration, parse_directory, parse_file, plan
+from migrations_ops.engine import AppliedMigration, parse_directory, parse_file
 from migrations_ops.engine.plan import (
     PlanError,
     Problem,
@@ -141,11 +141,15 @@ def test_knex_style_book_names_match_sql_scripts():
     assert (entry.name, chosen) == ("20240201000000_orders.js", orders)
 
 
-def test_a_book_entry_without_version_matches_by_name():
-    entry = AppliedMigration("init.js", T0)
-    assert script_for(entry, [S1]) is None
-    # A script always has a version; the stem comparison is what an unversioned entry needs.
-    assert plan.stem("001_users.up.sql") == plan.stem("001_users.sql") == "001_users"
+def test_a_book_entry_without_version_matches_no_versioned_script():
+    # "users.js" names no version: it is compared by name, and "001_users" is another name.
+    applied = books("users.js")
+    assert script_for(applied[0], [S1]) is None
+    assert pending(applied, [S1]) == [S1]
+    assert codes(verify_books(applied, [S1])) == [
+        ("applied_unknown", "users.js is applied but no script is known for it"),
+        ("pending", "001_users.sql is pending"),
+    ]
 
 
 # --- latest_applied ------------------------------------------------------------------------------
