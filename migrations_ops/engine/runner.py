@@ -249,10 +249,8 @@ def _run_statement_by_statement(
     log: Log,
 ) -> None:
     log(f"{step.script.filename}: running statement by statement, outside a transaction")
-    if connection.dialect == "postgresql":
-        milliseconds = max(1, int(settings.statement_timeout_seconds * 1000))
-        connection.execute(f"SET statement_timeout = {milliseconds}")
-    _run_statements(connection, step, report, log, outside_transaction=True)
+    with _bounded(connection, settings.statement_timeout_seconds, in_transaction=False):
+        _run_statements(connection, step, report, log, outside_transaction=True)
     now = dt.datetime.now(dt.UTC)
     with connection.transaction():
         _keep_books(
@@ -323,15 +321,16 @@ def _keep_books(
 
 
 @contextlib.contextmanager
-def _bounded(connection: TargetConnection, seconds: float):
+def _bounded(connection: TargetConnection, seconds: float, *, in_transaction: bool = True):
     """Bound every statement (and every wait for a row lock) of the transaction."""
     milliseconds = max(1, int(seconds * 1000))
     if connection.dialect == "postgresql":
-        connection.execute(f"SET LOCAL statement_timeout = {milliseconds}")
-        connection.execute(f"SET LOCAL lock_timeout = {milliseconds}")
+        scope = "LOCAL " if in_transaction else ""  # outside one, for the session
+        connection.execute(f"SET {scope}statement_timeout = {milliseconds}")
+        connection.execute(f"SET {scope}lock_timeout = {milliseconds}")
         yield
         return
-    # SQLite has no statement timeout: interrupt a statement that runs past the deadline.
+    # SQLite has no statement timeout: interrupt whatever still runs past the deadline.
     deadline = time.monotonic() + seconds
     connection.raw.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
     try:
