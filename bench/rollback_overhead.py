@@ -538,9 +538,13 @@ def report_phases(timer: PhaseTimer) -> None:
     """The tree of steps, in call order: per round, the p50 and mean time of each step (all
     its calls in the round together) and its calls per round; "(rest)" is a step's own time,
     outside the steps shown under it."""
-    paths: dict[tuple[str, ...], None] = {}
+    seen: dict[tuple[str, ...], int] = {}
     for durations, _ in timer.rounds:
-        paths.update(dict.fromkeys(durations))
+        for path in durations:
+            seen.setdefault(path, len(seen))
+    # Every step under its caller, callers' steps in the order first seen (a step that first
+    # appears in a later round still goes under its caller, not at the end).
+    paths = sorted(seen, key=lambda path: [seen[path[:end]] for end in range(1, len(path) + 1)])
     rounds = len(timer.rounds)
 
     def per_round(path):

@@ -187,7 +187,10 @@ def read_target_status(target: Target, *, include_applied: bool = True) -> Targe
     try:
         with open_target(target, keep=True) as connection:
             lock = convention.read_lock(connection)
-            applied = convention.read_applied(connection) if include_applied else None
+            # read_lock has checked the tables
+            applied = (
+                convention.read_applied(connection, check_tables=False) if include_applied else None
+            )
     except engine.EngineError as error:
         observation = observe_lock(target, None, error=str(error))
         return TargetStatus(target, observation, None, str(error))
@@ -390,7 +393,12 @@ def _finish(
     finished_at = timezone.now()
     log.append(_log_line(f"{status}{': ' + error if error else ''}"))
     with transaction.atomic():
-        operation = Operation.objects.select_for_update().get(pk=operation.pk)
+        # With its target (record_audit_event reads it); only the operation row is locked.
+        operation = (
+            Operation.objects.select_for_update(of=("self",))
+            .select_related("target")
+            .get(pk=operation.pk)
+        )
         operation.status = status
         operation.finished_at = finished_at
         operation.result = result or {}
@@ -763,7 +771,8 @@ def _run_apply(operation: Operation, log: list[str]) -> dict:
         report = engine.run_migrations(
             connection, convention, steps, _run_settings(operation), _logger(log)
         )
-        observe_lock(target, convention.read_lock(connection))
+        # read_applied has checked the tables on this connection
+        observe_lock(target, convention.read_lock(connection, check_tables=False))
     return report.as_dict()
 
 
@@ -791,7 +800,8 @@ def _run_rollback(operation: Operation, log: list[str]) -> dict:
         report = engine.run_migrations(
             connection, convention, steps, _run_settings(operation), _logger(log)
         )
-        observe_lock(target, convention.read_lock(connection))
+        # read_applied has checked the tables on this connection
+        observe_lock(target, convention.read_lock(connection, check_tables=False))
     return report.as_dict()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,7 +120,9 @@ class Convention:
             held=True, rows=rows, locked_at=locked_at, holder=self.holder(held_rows[0])
         )
 
-    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
+    def read_applied(
+        self, connection: TargetConnection, *, check_tables: bool = True
+    ) -> list[AppliedMigration]:
         raise NotImplementedError
 
     def row_holds_lock(self, row: dict[str, Any]) -> bool:
@@ -160,8 +163,15 @@ class Convention:
         raise NotImplementedError
 
     # --- migrating: take the lock, keep the books ------------------------------------------------
-    def try_take_lock(self, connection: TargetConnection, holder: str) -> bool:
-        """One attempt to take the lock, committed at once so other migrators see it."""
+    def try_take_lock(
+        self,
+        connection: TargetConnection,
+        holder: str,
+        *,
+        when_held: Callable[[LockState], None] | None = None,
+    ) -> bool:
+        """One attempt to take the lock, committed at once so other migrators see it.
+        ``when_held`` is shown the lock if it is held, and may raise to give up."""
         with connection.transaction():
             if connection.dialect == "postgresql":
                 # Serialises console takers even where the lock table has no unique key.
@@ -169,7 +179,10 @@ class Convention:
                     "SELECT pg_advisory_xact_lock(hashtext(%s))",
                     [f"opsconsole:{connection.schema or ''}:{self.lock_table}"],
                 )
-            if self.read_lock(connection, for_update=True).held:
+            lock = self.read_lock(connection, for_update=True)
+            if lock.held:
+                if when_held is not None:
+                    when_held(lock)
                 return False
             self._take(connection, holder)
         return True
@@ -230,8 +243,11 @@ class RunbookConvention(Convention):
     migrations_table = "migrations"
     lock_table = "migration_lock"
 
-    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
-        self.require_tables(connection)
+    def read_applied(
+        self, connection: TargetConnection, *, check_tables: bool = True
+    ) -> list[AppliedMigration]:
+        if check_tables:
+            self.require_tables(connection)
         table = connection.quote(self.migrations_table)
         rows = connection.fetch_dicts(
             f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename"  # noqa: S608
@@ -332,8 +348,11 @@ class KnexConvention(Convention):
     migrations_table = "knex_migrations"
     lock_table = "knex_migrations_lock"
 
-    def read_applied(self, connection: TargetConnection) -> list[AppliedMigration]:
-        self.require_tables(connection)
+    def read_applied(
+        self, connection: TargetConnection, *, check_tables: bool = True
+    ) -> list[AppliedMigration]:
+        if check_tables:
+            self.require_tables(connection)
         table = connection.quote(self.migrations_table)
         rows = connection.fetch_dicts(
             f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id"  # noqa: S608

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ import psycopg
 
 from . import catalog
 from .connection import TargetConnection, one_line
-from .conventions import Convention, describe_rows
+from .conventions import Convention, LockState, describe_rows
 from .errors import EngineError
 
 Log = Callable[[str], None]
@@ -162,13 +163,15 @@ def acquire_lock(
     """Take the target's migration lock: each attempt waits at most ``lock_wait_seconds``,
     and ``max_retries`` more attempts follow the first. Returns the attempts it took."""
     attempts = 1 + max(0, settings.max_retries)
-    _refuse_stale_lock(connection, convention, settings)
+    # A stale lock is refused at once: the first try shows it the lock it found held.
+    when_held = functools.partial(_refuse_stale_lock, settings=settings)
     for attempt in range(1, attempts + 1):
         deadline = time.monotonic() + settings.lock_wait_seconds
         while True:
-            if convention.try_take_lock(connection, settings.holder):
+            if convention.try_take_lock(connection, settings.holder, when_held=when_held):
                 log(f"took the migration lock (attempt {attempt})")
                 return attempt
+            when_held = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -183,11 +186,8 @@ def acquire_lock(
     )
 
 
-def _refuse_stale_lock(
-    connection: TargetConnection, convention: Convention, settings: RunSettings
-) -> None:
+def _refuse_stale_lock(lock: LockState, *, settings: RunSettings) -> None:
     """A lock older than the lock timeout will not be released by waiting: its holder is gone."""
-    lock = convention.read_lock(connection)
     if not (lock.held and lock.locked_at):
         return
     age = (dt.datetime.now(dt.UTC) - lock.locked_at).total_seconds()
@@ -219,16 +219,17 @@ def _run_in_transaction(
 ) -> None:
     try:
         with connection.transaction(), _bounded(connection, settings.statement_timeout_seconds):
-            before = catalog.snapshot(connection)
+            # Only a dry run measures its effects: two catalog reads cost more than a small
+            # migration, and would hold its table locks longer on a real run.
+            before = catalog.snapshot(connection) if settings.dry_run else None
             batch = convention.next_batch(connection)
             now = dt.datetime.now(dt.UTC)
             for step in steps:
                 _run_statements(connection, step, report, log)
                 _keep_books(connection, convention, step, batch, now, report, log)
-            report.changes = [
-                c.as_dict() for c in catalog.diff(before, catalog.snapshot(connection))
-            ]
             if settings.dry_run:
+                after = catalog.snapshot(connection)
+                report.changes = [change.as_dict() for change in catalog.diff(before, after)]
                 raise _DryRunDone
     except _DryRunDone:
         log("dry run: rolled back; the target is unchanged")
@@ -325,9 +326,11 @@ def _bounded(connection: TargetConnection, seconds: float, *, in_transaction: bo
     """Bound every statement (and every wait for a row lock) of the transaction."""
     milliseconds = max(1, int(seconds * 1000))
     if connection.dialect == "postgresql":
-        scope = "LOCAL " if in_transaction else ""  # outside one, for the session
-        connection.execute(f"SET {scope}statement_timeout = {milliseconds}")
-        connection.execute(f"SET {scope}lock_timeout = {milliseconds}")
+        # SET [LOCAL] of both in one round trip; outside a transaction, for the session.
+        connection.execute(
+            "SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)",
+            [str(milliseconds), in_transaction, str(milliseconds), in_transaction],
+        )
         yield
         return
     # SQLite has no statement timeout: interrupt whatever still runs past the deadline.

@@ -203,12 +203,8 @@ def test_apply_several_pending_migrations_in_one_transaction(books):
         (orders.filename, "up", 2),
     ]
     assert [s["line"] for s in report.statements] == [2, 3, 2, 3]
-    assert kinds(report) >= {
-        ("table_added", "users"),
-        ("table_added", "orders"),
-        ("table_added", "seen"),
-        ("index_added", "users_email_idx"),
-    }
+    assert report.changes == []  # only dry runs measure their effects
+    assert {"users", "orders", "seen"} <= set(books.tables())
     assert report.books == [
         f"recorded {USERS.filename} as applied",
         f"recorded {orders.filename} as applied",
@@ -254,7 +250,7 @@ def test_rollback_runs_down_sql_and_removes_the_entry(books):
     )
     assert ran(report) == [(USERS.filename, "down", 1)]
     assert report.books == [f"removed {USERS.filename} from the books"]
-    assert kinds(report) == {("table_removed", "users"), ("index_removed", "users_email_idx")}
+    assert report.changes == []
     assert not books.lock_held()
 
 

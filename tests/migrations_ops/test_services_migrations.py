@@ -116,8 +116,7 @@ def test_apply_runs_pending_migrations_and_records_them(runbook_target):
     assert "orders" not in before.tables
     assert books_of(runbook_target.db)[-1] == "003_create_orders.sql"
     assert runbook_target.db.runbook_lock_rows() == []
-    kinds = {change["kind"] for change in operation.result["changes"]}
-    assert {"table_added", "index_added"} <= kinds
+    assert operation.result["changes"] == []  # measured by dry runs only
     assert [s["line"] for s in operation.result["statements"]] == [2, 3]
 
 
