@@ -15,7 +15,14 @@ from django.utils.html import format_html
 from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import ForceUnlockForm, TargetForm
-from migrations_ops.models import AuditEvent, Door, LockState, Operation, Target
+from migrations_ops.models import (
+    AuditEvent,
+    Door,
+    LockState,
+    MigrationScript,
+    Operation,
+    Target,
+)
 
 admin.site.site_header = "opsconsole"
 admin.site.site_title = "opsconsole"
@@ -245,3 +252,46 @@ class AuditEventAdmin(ReadOnlyAdmin):
     @admin.display(description="Details")
     def details_display(self, obj):
         return pretty_json(obj.details)
+
+
+@admin.register(MigrationScript)
+class MigrationScriptAdmin(ReadOnlyAdmin):
+    """Scripts change only through ``ops import``, which keeps applied SQL from being replaced."""
+
+    list_display = [
+        "target",
+        "version",
+        "filename",
+        "layout",
+        "transactional",
+        "short_checksum",
+        "drift",
+        "imported_at",
+    ]
+    list_filter = ["target", "layout", "transactional"]
+    search_fields = ["filename", "target__name"]
+    list_select_related = ["target"]
+    fields = [
+        "target",
+        "version",
+        "name",
+        "filename",
+        "layout",
+        "transactional",
+        "needs_no_transaction",
+        "checksum",
+        "imported_at",
+        "drift_checksum",
+        "drift_detected_at",
+        "up_sql",
+        "down_sql",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="Checksum")
+    def short_checksum(self, obj):
+        return obj.checksum[:12]
+
+    @admin.display(description="Drift", boolean=True)
+    def drift(self, obj):
+        return bool(obj.drift_checksum)

@@ -256,3 +256,49 @@ def test_import_of_a_bad_folder_is_one_line(pg_target, tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(CommandError, match="nope"):
         ops("import", "--target", "shop", "--dir", str(tmp_path / "nope"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_rollbacks_started_at_once_from_two_processes_run_once(shop, settings):
+    """Two ``ops rollback`` processes at the same moment: one runs, the other is refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.worker import database_url
+
+    target_db, folder = shop
+    ops("import", "--target", "shop", "--dir", str(folder))
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}},
+        "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
+        "DATABASE_URL": database_url(settings.DATABASES["default"]),
+    }
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable,
+        "manage.py",
+        "ops",
+        "rollback",
+        "--target",
+        "shop",
+        "--version",
+        "002",
+    ]
+    command += ["--reason", "the same migration, twice"]
+    processes = [
+        subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    results = [
+        (p.wait(timeout=60), *(s.read().decode() for s in (p.stdout, p.stderr))) for p in processes
+    ]
+
+    assert sorted(code for code, _, _ in results) == [0, 1]
+    refused = next(err for code, _, err in results if code == 1)
+    assert "already in progress on shop" in refused or "is not applied" in refused
+    assert Operation.objects.filter(kind="rollback").count() == 1
+    assert [row[0] for row in target_db.query("SELECT filename FROM migrations")] == [
+        "001_create_users.sql"
+    ]
