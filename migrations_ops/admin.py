@@ -58,6 +58,9 @@ class TargetAdmin(admin.ModelAdmin):
             "connection_url",
             "schema",
             "lock_timeout_seconds",
+            "max_retries",
+            "statement_timeout_seconds",
+            "requires_approval",
         ]
         if obj is not None:
             fields[3:3] = ["masked_url"]

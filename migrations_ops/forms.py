@@ -1,6 +1,6 @@
 from django import forms
 
-from migrations_ops.models import Target
+from migrations_ops.models import Environment, Target
 
 
 class TargetForm(forms.ModelForm):
@@ -24,6 +24,9 @@ class TargetForm(forms.ModelForm):
             "connection_url",
             "schema",
             "lock_timeout_seconds",
+            "max_retries",
+            "statement_timeout_seconds",
+            "requires_approval",
         ]
 
     def __init__(self, *args, **kwargs):
@@ -39,6 +42,13 @@ class TargetForm(forms.ModelForm):
         if self.instance.pk:
             return self.instance.connection_url
         raise forms.ValidationError("A connection URL is required.")
+
+    def clean(self):
+        cleaned = super().clean()
+        # Production targets start under the two-person rule; it can be turned off afterwards.
+        if not self.instance.pk and cleaned.get("environment") == Environment.PRODUCTION:
+            cleaned["requires_approval"] = True
+        return cleaned
 
 
 class ForceUnlockForm(forms.Form):

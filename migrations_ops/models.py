@@ -63,6 +63,11 @@ class Target(models.Model):
         validators=[MaxValueValidator(10)],
         help_text="MIGRATION_MAX_RETRIES: more attempts to take the lock after the first.",
     )
+    requires_approval = models.BooleanField(
+        default=False,
+        help_text="Two-person rule: operations that change this target wait until a different "
+        "user approves them. On for production targets unless turned off.",
+    )
     statement_timeout_seconds = models.PositiveIntegerField(
         default=300,
         validators=[MinValueValidator(1), MaxValueValidator(86_400)],
@@ -245,6 +250,17 @@ class Operation(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    approved_by_name = models.CharField(max_length=150, blank=True)
+    # When an approval (or a rejection, or the request's expiry) was decided, and why.
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_reason = models.TextField(blank=True)
     log = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
@@ -260,6 +276,7 @@ class Operation(models.Model):
             )
         ]
         indexes = [models.Index(fields=["status", "requested_at"])]
+        permissions = [("approve_operation", "Can approve or reject operations (two-person rule)")]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.get_kind_display()} on {self.target.name} ({self.status})"

@@ -21,6 +21,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.models import (
     ACTIVE_STATUSES,
     AuditEvent,
+    Environment,
     LockObservation,
     LockState,
     MigrationScript,
@@ -107,7 +108,9 @@ def register_target(
     environment: str,
     schema: str = "",
     lock_timeout_seconds: int = 60,
+    requires_approval: bool | None = None,
 ) -> Target:
+    """Register a target; production targets start under the two-person rule."""
     target = Target(
         name=name,
         connection_url=url,
@@ -115,6 +118,11 @@ def register_target(
         environment=environment,
         schema=schema,
         lock_timeout_seconds=lock_timeout_seconds,
+        requires_approval=(
+            environment == Environment.PRODUCTION
+            if requires_approval is None
+            else requires_approval
+        ),
     )
     try:
         target.full_clean()
@@ -130,6 +138,9 @@ TARGET_FIELDS = [
     "connection_url",
     "schema",
     "lock_timeout_seconds",
+    "max_retries",
+    "statement_timeout_seconds",
+    "requires_approval",
 ]
 
 
@@ -288,13 +299,27 @@ def fresh_lock_refusal(target: Target, observation: LockObservation, now: dt.dat
     )
 
 
+APPROVE_PERMISSION = "migrations_ops.approve_operation"
+
+
+def needs_approval(actor: Actor, target: Target, kind: str, params: dict) -> bool:
+    """The two-person rule: a change to a target that requires approval waits for a second
+    person, and so does any change to production asked for by someone who may not approve."""
+    if kind == OperationKind.VERIFY or params.get("dry_run"):
+        return False
+    return target.requires_approval or (
+        target.is_production and not actor.has_perm(APPROVE_PERMISSION)
+    )
+
+
 def _create_operation(
     *, actor: Actor, target: Target, kind: str, reason: str, params: dict
 ) -> Operation:
+    awaiting = needs_approval(actor, target, kind, params)
     operation = Operation(
         kind=kind,
         target=target,
-        status=OperationStatus.QUEUED,
+        status=OperationStatus.AWAITING_APPROVAL if awaiting else OperationStatus.QUEUED,
         requested_by=actor.user,
         requested_by_name=actor.name,
         door=actor.door,
@@ -310,9 +335,15 @@ def _create_operation(
                 "operation.requested",
                 target=target,
                 operation=operation,
-                details={"kind": kind, "reason": reason, "params": params},
+                details={
+                    "kind": kind,
+                    "reason": reason,
+                    "params": params,
+                    "awaiting_approval": awaiting,
+                },
             )
-            transaction.on_commit(partial(send_operation, operation.pk))
+            if not awaiting:
+                transaction.on_commit(partial(send_operation, operation.pk))
     except IntegrityError:
         active = (
             Operation.objects.filter(target=target, status__in=ACTIVE_STATUSES)
@@ -326,6 +357,125 @@ def _create_operation(
             f"in progress on {target.name}: wait for it to finish"
         ) from None
     return operation
+
+
+# --- the two-person rule ---------------------------------------------------------------------
+def approve_operation(*, actor: Actor, operation: Operation, reason: str = "") -> Operation:
+    """A second person lets an operation awaiting approval run."""
+    require_permission(actor, APPROVE_PERMISSION, "approve operations")
+    _refuse_own_request(actor, operation, "approve")
+    _refuse_expired(operation)
+    now = timezone.now()
+    with transaction.atomic():
+        decided = Operation.objects.filter(
+            pk=operation.pk, status=OperationStatus.AWAITING_APPROVAL
+        ).update(
+            status=OperationStatus.QUEUED,
+            approved_by=actor.user,
+            approved_by_name=actor.name,
+            decided_at=now,
+            decision_reason=(reason or "").strip(),
+        )
+        if not decided:
+            raise _not_awaiting(operation)
+        _append_log(operation.pk, f"approved by {actor.name} via {actor.door}")
+        record_audit_event(
+            actor,
+            "operation.approved",
+            target=operation.target,
+            operation=operation,
+            details={"requested_by": operation.requested_by_name, "reason": reason},
+        )
+        transaction.on_commit(partial(send_operation, operation.pk))
+    operation.refresh_from_db()
+    return operation
+
+
+def reject_operation(*, actor: Actor, operation: Operation, reason: str) -> Operation:
+    require_permission(actor, APPROVE_PERMISSION, "reject operations")
+    reason = _require_reason(reason, "reject an operation")
+    with transaction.atomic():
+        decided = Operation.objects.filter(
+            pk=operation.pk, status=OperationStatus.AWAITING_APPROVAL
+        ).update(
+            status=OperationStatus.CANCELLED,
+            finished_at=timezone.now(),
+            decided_at=timezone.now(),
+            decision_reason=reason,
+            error=f"rejected by {actor.name}: {reason}",
+        )
+        if not decided:
+            raise _not_awaiting(operation)
+        _append_log(operation.pk, f"rejected by {actor.name}: {reason}")
+        record_audit_event(
+            actor,
+            "operation.rejected",
+            target=operation.target,
+            operation=operation,
+            details={"requested_by": operation.requested_by_name, "reason": reason},
+        )
+    operation.refresh_from_db()
+    return operation
+
+
+def expire_approval_requests(now: dt.datetime | None = None) -> list[int]:
+    """Requests nobody approved within OPERATION_APPROVAL_TTL are cancelled: an approval given
+    hours later would act on a target that has moved on."""
+    now = now or timezone.now()
+    deadline = now - dt.timedelta(seconds=settings.OPERATION_APPROVAL_TTL)
+    expired = []
+    stale = Operation.objects.filter(
+        status=OperationStatus.AWAITING_APPROVAL, requested_at__lt=deadline
+    ).select_related("target")
+    for operation in stale:
+        with transaction.atomic():
+            if not Operation.objects.filter(
+                pk=operation.pk, status=OperationStatus.AWAITING_APPROVAL
+            ).update(
+                status=OperationStatus.CANCELLED,
+                finished_at=now,
+                decided_at=now,
+                error=f"not approved within {settings.OPERATION_APPROVAL_TTL} s: expired",
+            ):
+                continue
+            record_audit_event(
+                Actor.worker("sweeper"),
+                "operation.expired",
+                target=operation.target,
+                operation=operation,
+                details={"requested_at": operation.requested_at.isoformat()},
+            )
+        expired.append(operation.pk)
+    return expired
+
+
+def _refuse_own_request(actor: Actor, operation: Operation, verb: str) -> None:
+    same_user = actor.user is not None and actor.user.pk == operation.requested_by_id
+    if same_user or actor.name == operation.requested_by_name:
+        raise PermissionDenied(
+            f"{actor.name} asked for operation #{operation.pk}: a different person must {verb} it"
+        )
+
+
+def _refuse_expired(operation: Operation) -> None:
+    age = (timezone.now() - operation.requested_at).total_seconds()
+    if (
+        operation.status == OperationStatus.AWAITING_APPROVAL
+        and age > settings.OPERATION_APPROVAL_TTL
+    ):
+        expire_approval_requests()
+        raise ServiceError(
+            f"operation #{operation.pk} waited {int(age)} s, longer than the approval window "
+            f"({settings.OPERATION_APPROVAL_TTL} s): it has expired; request it again"
+        )
+
+
+def _not_awaiting(operation: Operation) -> ServiceError:
+    operation.refresh_from_db()
+    return ServiceError(
+        f"operation #{operation.pk} is {operation.get_status_display().lower()}, not awaiting "
+        "approval"
+    )
 
 
 def send_operation(operation_id: int) -> None:

@@ -110,6 +110,9 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = TIME_ZONE
 
+# Two-person rule: a request not approved within this many seconds expires.
+OPERATION_APPROVAL_TTL = env.int("OPERATION_APPROVAL_TTL", default=1800)
+
 # --- Target databases ---------------------------------------------------------------------------
 # Seconds to wait for a target to answer before reporting it unreachable.
 TARGET_CONNECT_TIMEOUT = env.int("TARGET_CONNECT_TIMEOUT", default=5)

@@ -288,9 +288,10 @@ def test_production_needs_its_name_typed(oncall, pg_target, django_capture_on_co
         confirm_name="orders-prod",
     )
 
+    # On production an on-call engineer's request waits for a second person (two-person rule).
     assert right.status_code == 302
-    assert Operation.objects.get(target=target).status == OperationStatus.SUCCEEDED
-    assert pg_target.runbook_lock_rows() == []
+    assert Operation.objects.get(target=target).status == OperationStatus.AWAITING_APPROVAL
+    assert len(pg_target.runbook_lock_rows()) == 1
 
 
 def test_staff_without_the_force_unlock_permission_cannot_release(
@@ -386,6 +387,8 @@ def test_the_connection_password_never_appears_in_admin_pages(
             "connection_url": "",
             "schema": pg_target.schema,
             "lock_timeout_seconds": "90",
+            "max_retries": "3",
+            "statement_timeout_seconds": "300",
         },
         follow=True,
     )
@@ -419,7 +422,11 @@ def target_form(target, **changes) -> dict:
         "connection_url": "",
         "schema": target.schema,
         "lock_timeout_seconds": str(target.lock_timeout_seconds),
+        "max_retries": str(target.max_retries),
+        "statement_timeout_seconds": str(target.statement_timeout_seconds),
     }
+    if target.requires_approval:
+        data["requires_approval"] = "on"
     return {**data, **changes}
 
 

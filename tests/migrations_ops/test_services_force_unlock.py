@@ -153,7 +153,9 @@ def test_production_needs_the_typed_name(pg_target, engineer, django_capture_on_
         reason="stuck",
         confirm_name="orders-prod",
     )
-    assert operation.status == OperationStatus.SUCCEEDED
+    # An on-call engineer may only ask on production: a second person approves.
+    assert operation.status == OperationStatus.AWAITING_APPROVAL
+    assert len(pg_target.runbook_lock_rows()) == 1
 
 
 def test_lock_not_held_is_refused(any_target, engineer):
