@@ -21,6 +21,7 @@ from migrations_ops.models import (
     LockState,
     MigrationScript,
     Operation,
+    OperationStatus,
     Target,
 )
 
@@ -208,6 +209,9 @@ class OperationAdmin(ReadOnlyAdmin):
         "finished_at",
         "duration",
         "worker",
+        "approved_by_name",
+        "decided_at",
+        "decision_reason",
         "error",
         "result_display",
         "params_display",
@@ -227,11 +231,47 @@ class OperationAdmin(ReadOnlyAdmin):
         operation = get_object_or_404(Operation, pk=object_id)
         extra_context = {
             **(extra_context or {}),
-            "auto_refresh": not operation.is_finished,
+            # Not while awaiting approval: a reload would wipe the approver's half-typed reason.
+            "auto_refresh": operation.status in (OperationStatus.QUEUED, OperationStatus.RUNNING),
             "audit_events": selectors.audit_events_for_operation(operation),
             "target_url": reverse("admin:migrations_ops_target_change", args=[operation.target_id]),
+            "can_decide": operation.status == OperationStatus.AWAITING_APPROVAL
+            and request.user.has_perm(services.APPROVE_PERMISSION),
+            "decide_url": reverse("admin:migrations_ops_operation_decide", args=[operation.pk]),
         }
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:operation_id>/decide/",
+                self.admin_site.admin_view(self.decide_view),
+                name="migrations_ops_operation_decide",
+            ),
+            *super().get_urls(),
+        ]
+
+    def decide_view(self, request, operation_id: int):
+        """Approve or reject (POST only); the service refuses anyone deciding their own."""
+        if request.method != "POST":
+            return redirect("admin:migrations_ops_operation_change", operation_id)
+        if not request.user.has_perm(services.APPROVE_PERMISSION):
+            raise PermissionDenied
+        operation = get_object_or_404(Operation, pk=operation_id)
+        approving = request.POST.get("decision") == "approve"
+        decide = services.approve_operation if approving else services.reject_operation
+        try:
+            decide(
+                actor=Actor.for_user(request.user, Door.ADMIN),
+                operation=operation,
+                reason=request.POST.get("reason", ""),
+            )
+        except services.ServiceError as error:
+            self.message_user(request, str(error), messages.ERROR)
+        else:
+            verb = "approved" if approving else "rejected"
+            self.message_user(request, f"Operation #{operation.pk} {verb}.", messages.SUCCESS)
+        return redirect("admin:migrations_ops_operation_change", operation_id)
 
 
 @admin.register(AuditEvent)

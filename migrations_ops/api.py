@@ -19,6 +19,7 @@ ERROR_STATUS = [
     (services.InvalidRequest, 400, "invalid_request"),
     (services.PermissionDenied, 403, "forbidden"),
     (services.TargetNotFound, 404, "unknown_target"),
+    (services.OperationNotFound, 404, "unknown_operation"),
     (services.TargetUnavailable, 503, "target_unavailable"),
     (services.ServiceError, 409, "conflict"),
 ]
@@ -112,7 +113,7 @@ def force_unlock(request, name: str):
         )
     except services.ServiceError as error:
         return service_error(error)
-    operation = selectors.get_operation(operation.pk)
+    operation = services.get_operation(operation.pk)
     return JsonResponse(
         {
             "operation": selectors.operation_report(operation),
@@ -125,7 +126,30 @@ def force_unlock(request, name: str):
 @allow("GET")
 @staff_api("migrations_ops.view_operation")
 def operation_detail(request, operation_id: int):
-    operation = selectors.get_operation(operation_id)
-    if operation is None:
-        return json_error(404, "unknown_operation", f"no operation #{operation_id}")
+    try:
+        operation = services.get_operation(operation_id)
+    except services.ServiceError as error:
+        return service_error(error)
+    return JsonResponse({"operation": selectors.operation_report(operation)})
+
+
+@allow("POST")
+@staff_api("migrations_ops.view_operation")
+def decide_operation(request, operation_id: int, decision: str):
+    """Approve or reject an operation awaiting approval: ``{"reason": "..."}``."""
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return json_error(400, "invalid_json", "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return json_error(400, "invalid_json", "the request body must be a JSON object")
+    decide = services.approve_operation if decision == "approve" else services.reject_operation
+    try:
+        operation = decide(
+            actor=Actor.for_user(request.user, Door.API),
+            operation=services.get_operation(operation_id),
+            reason=str(body.get("reason") or ""),
+        )
+    except services.ServiceError as error:
+        return service_error(error)
     return JsonResponse({"operation": selectors.operation_report(operation)})

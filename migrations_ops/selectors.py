@@ -125,10 +125,6 @@ def operation_report(operation: Operation) -> dict[str, Any]:
     }
 
 
-def get_operation(operation_id: int) -> Operation | None:
-    return Operation.objects.select_related("target").filter(pk=operation_id).first()
-
-
 def operations_for_target(target: Target) -> QuerySet[Operation]:
     return Operation.objects.filter(target=target).order_by("-requested_at", "-id")
 

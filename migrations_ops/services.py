@@ -98,6 +98,17 @@ def get_target(name: str) -> Target:
         raise TargetNotFound(f"unknown target {name!r}") from None
 
 
+class OperationNotFound(ServiceError):
+    pass
+
+
+def get_operation(operation_id: int) -> Operation:
+    try:
+        return Operation.objects.select_related("target").get(pk=operation_id)
+    except Operation.DoesNotExist:
+        raise OperationNotFound(f"no operation #{operation_id}") from None
+
+
 # --- targets ---------------------------------------------------------------------------------
 def register_target(
     *,

@@ -28,7 +28,7 @@ CHANGELIST = "admin:migrations_ops_target_changelist"
 # --- helpers ---------------------------------------------------------------------------------
 @pytest.fixture
 def engineer():
-    return UserFactory(username="alice", permissions=ON_CALL_PERMISSIONS)
+    return UserFactory(username="oncall-engineer", permissions=ON_CALL_PERMISSIONS)
 
 
 @pytest.fixture
@@ -208,7 +208,11 @@ def test_releasing_a_stale_lock(any_target, oncall, engineer, django_capture_on_
     assert operation.result["before"]["holder"] == "deploy-42"
     assert operation.result["after"]["held"] is False
     requested = AuditEvent.objects.get(operation=operation, action="operation.requested")
-    assert (requested.door, requested.actor, requested.actor_name) == ("admin", engineer, "alice")
+    assert (requested.door, requested.actor, requested.actor_name) == (
+        "admin",
+        engineer,
+        "oncall-engineer",
+    )
     assert AuditEvent.objects.filter(operation=operation, action="operation.succeeded").exists()
 
     page = text(body(oncall.get(response["Location"])))
@@ -472,12 +476,12 @@ def history():
         kind="force_unlock",
         target=target,
         status=OperationStatus.SUCCEEDED,
-        requested_by_name="alice",
+        requested_by_name="oncall-engineer",
         door="admin",
         reason="stuck",
     )
     event = AuditEvent.objects.create(
-        actor_name="alice",
+        actor_name="oncall-engineer",
         door="admin",
         action="operation.requested",
         target=target,
@@ -509,7 +513,7 @@ def test_operations_and_audit_events_are_read_only_even_for_a_superuser(
         "reason": "rewritten",
         "status": "failed",
         "action": "tampered",
-        "actor_name": "eve",
+        "actor_name": "someone-else",
         "_save": "Save",
     }
     assert client.post(url("change", obj.pk), edit).status_code == 403
@@ -550,3 +554,94 @@ def test_operation_page_reloads_itself_until_the_operation_finishes(
     finished = oncall.get(operation_url(operation))
     assert refresh not in body(finished)
     assert "reloads every" not in body(finished)
+
+
+# --- the two-person rule in the admin -----------------------------------------------------------
+@pytest.fixture
+def awaiting(pg_target, oncall, engineer):
+    """A production release requested by the on-call engineer, awaiting approval."""
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(
+        db=pg_target, name="orders-prod", environment=Environment.PRODUCTION, requires_approval=True
+    )
+    operation = services.request_force_unlock(
+        actor=Actor.for_user(engineer, "admin"),
+        target=target,
+        reason="stuck",
+        confirm_name="orders-prod",
+    )
+    assert operation.status == OperationStatus.AWAITING_APPROVAL
+    return operation
+
+
+def decide(client, operation, decision, reason=""):
+    return client.post(
+        reverse("admin:migrations_ops_operation_decide", args=[operation.pk]),
+        {"decision": decision, "reason": reason},
+        follow=True,
+    )
+
+
+def test_a_commander_approves_on_the_operation_page(
+    awaiting, client, pg_target, django_capture_on_commit_callbacks
+):
+    commander = UserFactory(
+        username="commander",
+        permissions=[*ON_CALL_PERMISSIONS, "migrations_ops.approve_operation"],
+    )
+    client.force_login(commander)
+    page = body(client.get(reverse("admin:migrations_ops_operation_change", args=[awaiting.pk])))
+    assert "Approve and run" in page
+    assert 'http-equiv="refresh"' not in page
+    with django_capture_on_commit_callbacks(execute=True):
+        response = decide(client, awaiting, "approve")
+    assert f"Operation #{awaiting.pk} approved." in text(body(response))
+    awaiting.refresh_from_db()
+    assert awaiting.status == OperationStatus.SUCCEEDED
+    assert awaiting.approved_by == commander
+    assert pg_target.runbook_lock_rows() == []
+
+
+def test_the_requester_cannot_approve_even_with_a_crafted_post(
+    awaiting, oncall, engineer, pg_target
+):
+    from django.contrib.auth.models import Permission
+
+    engineer.user_permissions.add(Permission.objects.get(codename="approve_operation"))
+    response = decide(oncall, awaiting, "approve")
+    assert "a different person must approve it" in text(body(response))
+    awaiting.refresh_from_db()
+    assert awaiting.status == OperationStatus.AWAITING_APPROVAL
+    assert len(pg_target.runbook_lock_rows()) == 1
+
+
+def test_without_the_approve_permission_a_crafted_post_is_forbidden(awaiting, client, pg_target):
+    client.force_login(UserFactory(username="other-oncall", permissions=ON_CALL_PERMISSIONS))
+    page = body(client.get(reverse("admin:migrations_ops_operation_change", args=[awaiting.pk])))
+    assert "Approve and run" not in page
+    response = client.post(
+        reverse("admin:migrations_ops_operation_decide", args=[awaiting.pk]),
+        {"decision": "approve"},
+    )
+    assert response.status_code == 403
+    awaiting.refresh_from_db()
+    assert awaiting.status == OperationStatus.AWAITING_APPROVAL
+
+
+def test_a_rejection_needs_a_reason_and_ends_the_request(awaiting, client, pg_target):
+    client.force_login(
+        UserFactory(
+            username="commander",
+            permissions=[*ON_CALL_PERMISSIONS, "migrations_ops.approve_operation"],
+        )
+    )
+    refused = text(body(decide(client, awaiting, "reject")))
+    assert "A reason is required to reject an operation" in refused  # the admin capitalises
+    decide(client, awaiting, "reject", reason="wait for the DBA")
+    awaiting.refresh_from_db()
+    assert awaiting.status == OperationStatus.CANCELLED
+    assert awaiting.decision_reason == "wait for the DBA"
+    assert len(pg_target.runbook_lock_rows()) == 1

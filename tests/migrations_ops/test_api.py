@@ -51,9 +51,11 @@ def test_anonymous_gets_a_json_401(client):
 
 
 def test_staff_without_view_target_gets_a_json_403(client, two_targets):
-    client.force_login(UserFactory(username="bob", permissions=["migrations_ops.view_operation"]))
+    client.force_login(
+        UserFactory(username="viewer", permissions=["migrations_ops.view_operation"])
+    )
     error = assert_json_error(client.get(STATUS), 403, "forbidden")
-    assert "bob" in error["message"]
+    assert "viewer" in error["message"]
 
 
 def test_non_staff_with_view_target_gets_a_json_403(client):

@@ -116,3 +116,32 @@ def test_unknown_operation_is_a_json_404(engineer_client):
     response = engineer_client.get("/api/operations/999999")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_operation"
+
+
+def test_approve_and_reject_over_the_api(client, pg_target, django_capture_on_commit_callbacks):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="prod", environment=Environment.PRODUCTION)
+    requester = UserFactory(permissions=ON_CALL_PERMISSIONS)
+    approver = UserFactory(permissions=[*ON_CALL_PERMISSIONS, "migrations_ops.approve_operation"])
+    client.force_login(requester)
+    created = post(client, "prod", {"reason": "stuck", "confirm_name": "prod"}).json()
+    assert created["operation"]["status"] == "awaiting_approval"
+    approve_url = f"{created['url']}/approve"
+
+    response = client.post(approve_url, data="{}", content_type="application/json")
+    assert response.status_code == 403  # the requester may not even hold the permission
+
+    client.force_login(approver)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(approve_url, data="{}", content_type="application/json")
+    assert response.status_code == 200
+    assert pg_target.runbook_lock_rows() == []
+    again = client.post(
+        f"{created['url']}/reject", data='{"reason": "late"}', content_type="application/json"
+    )
+    assert again.status_code == 409
+    assert "not awaiting approval" in again.json()["error"]["message"]
+    missing = client.post(
+        "/api/operations/999999/approve", data="{}", content_type="application/json"
+    )
+    assert missing.status_code == 404

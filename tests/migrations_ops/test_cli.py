@@ -302,3 +302,26 @@ def test_two_rollbacks_started_at_once_from_two_processes_run_once(shop, setting
     assert [row[0] for row in target_db.query("SELECT filename FROM migrations")] == [
         "001_create_users.sql"
     ]
+
+
+def test_approve_from_the_command_line_needs_a_second_person(pg_target):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="prod", environment="production", requires_approval=True)
+    UserFactory(username="oncall", permissions=ON_CALL_PERMISSIONS)
+    UserFactory(
+        username="commander",
+        permissions=[*ON_CALL_PERMISSIONS, "migrations_ops.approve_operation"],
+    )
+    printed = ops("--as", "oncall", "unlock", "--target", "prod", "--reason", "stuck")
+    operation = Operation.objects.get()
+    assert f"operation #{operation.pk} awaits approval by a second person" in printed
+
+    with pytest.raises(CommandError, match="not allowed to approve"):
+        ops("--as", "oncall", "approve", "--operation", str(operation.pk))
+    with pytest.raises(CommandError, match="no operation #999"):
+        ops("--as", "commander", "approve", "--operation", "999")
+    printed = ops("--as", "commander", "reject", "--operation", str(operation.pk), "--reason", "no")
+    assert f"operation #{operation.pk} rejected: no" in printed
+    operation.refresh_from_db()
+    assert operation.status == "cancelled"
+    assert len(pg_target.runbook_lock_rows()) == 1

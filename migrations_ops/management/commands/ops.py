@@ -23,6 +23,12 @@ from migrations_ops.engine import CONVENTIONS
 from migrations_ops.models import Environment, Operation, OperationStatus
 
 WAIT_POLL_SECONDS = 0.2
+
+
+class AwaitingApproval(Exception):
+    """The request was taken and now waits for a second person: not an error."""
+
+
 STILL_RUNNING_EXIT_STATUS = 2
 
 
@@ -85,6 +91,14 @@ class Command(BaseCommand):
             mark.add_argument("--version", required=True)
             mark.add_argument("--reason", required=True)
 
+        approve = commands.add_parser("approve", help="approve another person's operation")
+        approve.add_argument("--operation", type=int, required=True)
+        approve.add_argument("--reason", default="")
+        approve.add_argument("--wait", type=float, default=60, metavar="SECONDS")
+        reject = commands.add_parser("reject", help="reject an operation awaiting approval")
+        reject.add_argument("--operation", type=int, required=True)
+        reject.add_argument("--reason", required=True)
+
         commands.add_parser("demo", help="load the demo targets and admin user")
 
     @staticmethod
@@ -118,6 +132,9 @@ class Command(BaseCommand):
             return handler(actor, options)
         except services.ServiceError as error:
             raise CommandError(str(error)) from None
+        except AwaitingApproval as waiting:
+            self.stdout.write(str(waiting))
+            return None
 
     def _actor(self, username: str | None) -> Actor:
         if not username:
@@ -300,6 +317,11 @@ class Command(BaseCommand):
                 f"operation #{operation.pk} requested: {operation.get_kind_display()} on "
                 f"{operation.target.name}"
             )
+        if operation.status == OperationStatus.AWAITING_APPROVAL:
+            raise AwaitingApproval(
+                f"operation #{operation.pk} awaits approval by a second person "
+                f"(ops approve --operation {operation.pk})"
+            )
         deadline = time.monotonic() + seconds
         operation.refresh_from_db()
         while not operation.is_finished and time.monotonic() < deadline:
@@ -316,6 +338,24 @@ class Command(BaseCommand):
         if not quiet:
             self.stdout.write(f"operation #{operation.pk} {operation.status}")
         return operation
+
+    def handle_approve(self, actor, options):
+        operation = services.approve_operation(
+            actor=actor,
+            operation=services.get_operation(options["operation"]),
+            reason=options["reason"],
+        )
+        self.stdout.write(f"operation #{operation.pk} approved by {actor.name}")
+        operation = self._follow(operation, options["wait"], quiet=True)
+        self.stdout.write(f"operation #{operation.pk} {operation.status}")
+
+    def handle_reject(self, actor, options):
+        operation = services.reject_operation(
+            actor=actor,
+            operation=services.get_operation(options["operation"]),
+            reason=options["reason"],
+        )
+        self.stdout.write(f"operation #{operation.pk} rejected: {options['reason']}")
 
     def handle_demo(self, actor, options):
         result = load_demo(Path(settings.DATA_DIR) / "demo")

@@ -1,0 +1,519 @@
+"""How the Operations and Audit events changelists hold up with years of history.
+
+    .venv/bin/python bench/admin_scale.py [--rows N] [--small-rows N] [--runs N] [--warmup N]
+                                          [--check]
+
+Builds its own console database on the local PostgreSQL (``migrate``), removed at the end (also
+on Ctrl-C, SIGTERM and errors). Seeds it in SQL (``INSERT ... SELECT generate_series``): 8 users,
+50 targets (some far busier than others), operations and audit events spread over 3 years in
+time order, every status, kind, door and action, then ``VACUUM ANALYZE`` as autovacuum would.
+The audit table refuses UPDATE and DELETE (a trigger), so it is only ever inserted into and
+emptied with TRUNCATE.
+
+It first seeds ``--small-rows`` operations and as many audit events (default 10,000) and times
+every case, then empties both tables and does the same with ``--rows`` (default 1,000,000).
+Each case is a GET of a changelist through Django's test Client, logged in as a superuser,
+with the console configured as deployed (DEBUG off, the database session backend): the median
+and p90 of ``--runs`` requests after ``--warmup`` untimed ones, then one more request under
+``CaptureQueriesContext`` for the number of queries and the slowest of them.
+
+Target at the large size, for every case: median <= 150 ms, at most 12 queries, and a median
+within 1.5x of the same case at the small size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+import harness  # noqa: E402 (needs the path above)
+import psycopg  # noqa: E402
+
+TARGET_MEDIAN_MS = 150.0
+TARGET_QUERIES = 12
+TARGET_RATIO = 1.5
+DEEP_PAGE = 500
+YEARS = 3
+
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+APPS = [
+    "orders",
+    "billing",
+    "search",
+    "inventory",
+    "payments",
+    "shipping",
+    "catalog",
+    "accounts",
+    "reports",
+    "notifications",
+    "pricing",
+    "reviews",
+    "ledger",
+    "auth",
+    "media",
+    "gateway",
+    "analytics",
+]
+ENVIRONMENTS = [("prod", "production"), ("staging", "staging"), ("dev", "development")]
+TARGET_COUNT = 50
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="large size (1,000,000)")
+    parser.add_argument("--small-rows", type=int, default=10_000, help="small size (10,000)")
+    parser.add_argument("--runs", type=int, default=15, help="timed requests per case (15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests first (2)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 when the target is not met"
+    )
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or not 0 < args.small_rows <= args.rows:
+        parser.error("--runs >= 1, --warmup >= 0, 0 < --small-rows <= --rows")
+    return args
+
+
+def configure_environment(console_db_url: str) -> None:
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
+            "DATABASE_URL": console_db_url,
+            # No broker: nothing here sends a task.
+            "REDIS_URL": "",
+            "DEBUG": "false",
+            "ALLOWED_HOSTS": "testserver",
+            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console_db = f"opsconsole_bench_admin_{os.getpid()}"
+    created = False
+    try:
+        with harness.sigterm_as_keyboard_interrupt():
+            url = harness.create_pg_database(console_db)
+            created = True
+            configure_environment(url)
+            met = run(args, url)
+            return 1 if args.check and not met else 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if "django" in sys.modules:
+            from django.db import connections
+
+            connections.close_all()
+        if created:
+            try:
+                harness.drop_pg_database(console_db)
+            except psycopg.Error as error:
+                print(f"could not drop database {console_db}: {error}", file=sys.stderr)
+
+
+# --- seeding -----------------------------------------------------------------------------------
+@dataclass
+class World:
+    user_ids: list[int]
+    target_ids: list[int]
+    target_names: list[str]
+
+
+def create_world() -> World:
+    from django.contrib.auth import get_user_model
+
+    from migrations_ops.models import Target
+
+    User = get_user_model()
+    users = User.objects.bulk_create([User(username=name, is_staff=True) for name in USERS])
+    names = [f"{app}-{env}" for app in APPS for env, _ in ENVIRONMENTS][:TARGET_COUNT]
+    environments = dict(ENVIRONMENTS)
+    targets = Target.objects.bulk_create(
+        [
+            Target(
+                name=name,
+                environment=environments[name.rsplit("-", 1)[1]],
+                connection_url=f"postgresql://app:secret@db.internal:5432/{name}",
+                convention="runbook",
+            )
+            for name in names
+        ]
+    )
+    return World([u.pk for u in users], [t.pk for t in targets], [t.name for t in targets])
+
+
+def insert_select(model, exprs: dict[str, str], source: str) -> str:
+    """``INSERT INTO <table> (...) SELECT ... FROM <source>``: ``exprs`` give the columns the
+    bench cares about; every other column gets NULL if nullable, else the field's default (as
+    an inline literal; "" for text), so a field added to the model later does not break the
+    bench."""
+    from django.db import connection
+
+    columns, values = [], []
+    for field in model._meta.concrete_fields:
+        if field.primary_key:
+            continue
+        if field.column in exprs:
+            expression = exprs[field.column]
+        elif field.null:
+            continue
+        elif (default := field.get_default()) is not None:  # "" for text without a default
+            value = field.get_db_prep_save(default, connection)
+            with connection.cursor() as cursor:
+                expression = cursor.mogrify("%s", [value])
+        else:
+            raise RuntimeError(f"the bench does not fill {model.__name__}.{field.name}")
+        columns.append(connection.ops.quote_name(field.column))
+        values.append(expression)
+    table = connection.ops.quote_name(model._meta.db_table)
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM {source}"
+
+
+def sql_array(values, cast: str) -> str:
+    items = ", ".join(f"'{v}'" if isinstance(v, str) else str(v) for v in values)
+    return f"(ARRAY[{items}]::{cast}[])"
+
+
+def weighted(r: str, choices: list[tuple[str, float]]) -> str:
+    """A CASE picking one of ``choices`` (value, weight) from the uniform random value ``r``."""
+    total = sum(weight for _, weight in choices)
+    cases, edge = [], 0.0
+    for value, weight in choices[:-1]:
+        edge += weight / total
+        cases.append(f"WHEN {r} < {edge:.6f} THEN '{value}'")
+    return f"(CASE {' '.join(cases)} ELSE '{choices[-1][0]}' END)"
+
+
+def random_rows(n: int, randoms: int) -> str:
+    columns = ", ".join(f"random() AS r{k}" for k in range(1, randoms + 1))
+    return f"(SELECT i, {columns} FROM generate_series(1, {n}) AS i) AS s"
+
+
+DOORS = [("admin", 40), ("cli", 30), ("api", 20), ("task", 10)]
+KINDS = [
+    ("apply", 35),
+    ("verify", 25),
+    ("cleanup", 12),
+    ("force_unlock", 10),
+    ("rollback", 8),
+    ("mark_applied", 7),
+    ("mark_rolled_back", 3),
+]
+FINISHED = [("succeeded", 85), ("failed", 6), ("cancelled", 5), ("lost", 4)]
+ACTIVE = ["awaiting_approval", "queued", "running"]
+ACTIONS = [
+    ("operation.requested", 30),
+    ("operation.succeeded", 24),
+    ("operation.running", 10),
+    ("operation.failed", 3),
+    ("operation.cancelled", 2),
+    ("operation.lost", 1),
+    ("operation.approved", 6),
+    ("operation.rejected", 1),
+    ("operation.expired", 1),
+    ("scripts.imported", 12),
+    ("target.changed", 6),
+    ("target.registered", 3),
+    ("target.demo_loaded", 1),
+]
+
+
+def seed(world: World, n: int) -> float:
+    """``n`` operations and ``n`` audit events; returns the seconds it took."""
+    from django.db import connection
+
+    from migrations_ops.models import AuditEvent, Operation
+
+    start = time.perf_counter()
+    users = sql_array(USERS, "text")
+    user_ids = sql_array(world.user_ids, "bigint")
+    target_ids = sql_array(world.target_ids, "bigint")
+    target_names = sql_array(world.target_names, "text")
+    t = len(world.target_ids)
+    # Busy targets first: the square skews the choice towards the low indexes.
+    target_index = f"(1 + floor({t} * r2 * r2)::int)"
+    active_index = f"(1 + (i % {t}))"
+    user = f"(1 + floor({len(USERS)} * r3)::int)"
+    when = (
+        f"(now() - interval '{YEARS * 365} days' * (1 - i::float8 / {n}) - interval '1 min' * r5)"
+    )
+    # Only the newest operation of each target may be active (one active per target).
+    is_active = f"(i > {n} - {t})"
+    active = sql_array(ACTIVE, "text")
+    status = f"(CASE WHEN {is_active} THEN {active}[1 + i % 3] ELSE {weighted('r1', FINISHED)} END)"
+    target = f"{target_ids}[CASE WHEN {is_active} THEN {active_index} ELSE {target_index} END]"
+    took = "interval '1 s' * (2 + 30 * r1)"
+    operations = insert_select(
+        Operation,
+        {
+            "kind": weighted("r4", KINDS),
+            "target_id": target,
+            "status": status,
+            "requested_by_id": f"{user_ids}[{user}]",
+            "requested_by_name": f"{users}[{user}]",
+            "door": weighted("r6", DOORS),
+            "reason": "'scheduled deploy ' || i",
+            "params": """'{"release_fresh": false}'::jsonb""",
+            "requested_at": when,
+            "started_at": f"CASE WHEN {is_active} THEN NULL ELSE {when} + interval '2 s' END",
+            "finished_at": f"CASE WHEN {is_active} THEN NULL ELSE {when} + {took} END",
+            "worker": "'celery@worker-' || (i % 4)",
+            "log": "'took the lock; ran 1 statement; released the lock'",
+            "result": """'{"before": {"held": true}, "after": {"held": false}}'::jsonb""",
+        },
+        random_rows(n, 6),
+    )
+    # ~2% of events concern no target (none of the seeded actions needs one that badly).
+    no_target = "(r2 > 0.98)"
+    events = insert_select(
+        AuditEvent,
+        {
+            "created_at": when,
+            "actor_id": f"CASE WHEN r6 < 0.05 THEN NULL ELSE {user_ids}[{user}] END",
+            "actor_name": f"CASE WHEN r6 < 0.05 THEN 'sweeper' ELSE {users}[{user}] END",
+            "door": f"CASE WHEN r6 < 0.05 THEN 'task' ELSE {weighted('r1', DOORS)} END",
+            "action": weighted("r4", ACTIONS),
+            "target_id": f"CASE WHEN {no_target} THEN NULL ELSE {target_ids}[{target_index}] END",
+            "target_name": f"CASE WHEN {no_target} THEN '' ELSE {target_names}[{target_index}] END",
+            "operation_id": f"CASE WHEN r4 < 0.78 THEN 1 + floor(r1 * {n})::bigint END",
+            "details": """'{"reason": "scheduled deploy"}'::jsonb""",
+        },
+        random_rows(n, 6),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT setseed(0.42)")
+        cursor.execute("SET maintenance_work_mem = '512MB'")
+        for model, statement in ((Operation, operations), (AuditEvent, events)):
+            with without_secondary_indexes(cursor, model._meta.db_table):
+                cursor.execute(statement)
+    vacuum_analyze([Operation._meta.db_table, AuditEvent._meta.db_table])
+    return time.perf_counter() - start
+
+
+class without_secondary_indexes:
+    """Drop a table's indexes that back no constraint, put them back afterwards: a bulk load
+    and one build per index beats a million index insertions."""
+
+    def __init__(self, cursor, table: str) -> None:
+        self.cursor = cursor
+        self.table = table
+        self.definitions: list[str] = []
+
+    def __enter__(self):
+        self.cursor.execute(
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) "
+            "FROM pg_index i WHERE i.indrelid = %s::regclass AND NOT EXISTS "
+            "(SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
+            [self.table],
+        )
+        rows = self.cursor.fetchall()
+        for name, definition in rows:
+            self.cursor.execute(f"DROP INDEX {name}")
+            self.definitions.append(definition)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for definition in self.definitions:
+            self.cursor.execute(definition)
+
+
+def vacuum_analyze(tables: list[str]) -> None:
+    from django.db import connection
+
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"] or None,
+        port=settings["PORT"] or None,
+        user=settings["USER"] or None,
+        dbname=settings["NAME"],
+        autocommit=True,
+    ) as conn:
+        for table in tables:
+            conn.execute(f'VACUUM (ANALYZE) "{table}"')
+
+
+def empty_history() -> None:
+    from django.db import connection
+
+    from migrations_ops.models import AuditEvent, Operation
+
+    tables = ", ".join(connection.ops.quote_name(m._meta.db_table) for m in (AuditEvent, Operation))
+    with connection.cursor() as cursor:
+        # TRUNCATE fires no row trigger: the append-only rule is about rows, not the bench.
+        cursor.execute(f"TRUNCATE {tables} RESTART IDENTITY")
+
+
+# --- the cases ---------------------------------------------------------------------------------
+@dataclass
+class Case:
+    changelist: str  # "operation" or "auditevent"
+    label: str
+    query: str
+
+
+def cases(world: World, n: int, per_page: int) -> list[Case]:
+    deep = max(1, min(DEEP_PAGE, n // per_page))
+    busy = world.target_names[0]
+    quiet_id = world.target_ids[7]
+    quiet = world.target_names[7]
+    year = time.gmtime().tm_year - 1
+    return [
+        Case("operation", "first page", ""),
+        Case("operation", f"deep page (p={deep})", f"p={deep}"),
+        Case("operation", "status=failed", "status__exact=failed"),
+        Case("operation", "door=cli + target", f"door__exact=cli&target__id__exact={quiet_id}"),
+        Case("operation", f"year {year}", f"requested={year}"),
+        Case("operation", "search user 'carol'", "q=carol"),
+        Case("operation", f"search target '{busy.split('-')[0]}'", f"q={busy.split('-')[0]}"),
+        Case("auditevent", "first page", ""),
+        Case("auditevent", f"deep page (p={deep})", f"p={deep}"),
+        Case("auditevent", "door=cli + target", f"door__exact=cli&target={quiet}"),
+        Case("auditevent", "action=operation.failed", "action=operation.failed"),
+        Case("auditevent", f"year {year}", f"created={year}"),
+        Case("auditevent", "search actor 'carol'", "q=carol"),
+        Case("auditevent", f"search target '{quiet.split('-')[0]}'", f"q={quiet.split('-')[0]}"),
+    ]
+
+
+@dataclass
+class Figures:
+    median: float
+    p90: float
+    queries: int
+    slowest_query_ms: float
+    status: int
+    shown: str
+
+
+def measure(client, url: str, runs: int, warmup: int) -> Figures:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for _ in range(warmup):
+        client.get(url)
+    times = []
+    status = 200
+    for _ in range(runs):
+        start = time.perf_counter()
+        response = client.get(url)
+        times.append(time.perf_counter() - start)
+        status = response.status_code if status == 200 else status
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url)
+    slowest = max((float(q["time"]) for q in captured.captured_queries), default=0.0)
+    shown = ""
+    paginator = re.search(r'<p class="paginator">(.*?)</p>', response.content.decode(), re.S)
+    if paginator:
+        words = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", paginator.group(1)))
+        found = re.search(r"(?:about )?[\d,]+ (?:operation|audit event)s?\b", words)
+        shown = found.group(0) if found else ""
+    return Figures(
+        median=statistics.median(times) * 1000,
+        p90=harness.percentile(times, 0.9) * 1000,
+        queries=len(captured.captured_queries),
+        slowest_query_ms=slowest * 1000,
+        status=status,
+        shown=shown,
+    )
+
+
+def run(args: argparse.Namespace, url: str) -> bool:
+    import django
+
+    django.setup()
+
+    from django.contrib import admin
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.test import Client
+    from django.urls import reverse
+
+    from migrations_ops.models import Operation
+
+    call_command("migrate", verbosity=0, interactive=False)
+    world = create_world()
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "x")
+    client = Client()
+    client.force_login(root)
+    per_page = admin.site.get_model_admin(Operation).list_per_page
+    gc.freeze()
+
+    results: dict[int, list[tuple[Case, Figures]]] = {}
+    for n in (args.small_rows, args.rows):
+        empty_history()
+        seconds = seed(world, n)
+        print(f"seeded {n:,} operations and {n:,} audit events in {seconds:.1f} s", file=sys.stderr)
+        results[n] = []
+        for case in cases(world, n, per_page):
+            path = reverse(f"admin:migrations_ops_{case.changelist}_changelist")
+            figures = measure(
+                client, f"{path}?{case.query}" if case.query else path, args.runs, args.warmup
+            )
+            results[n].append((case, figures))
+            print(
+                f"  {n:>9,} {case.changelist:<10} {case.label:<28} {figures.median:7.1f} ms",
+                file=sys.stderr,
+            )
+    return report(args, results)
+
+
+def report(args: argparse.Namespace, results: dict[int, list[tuple[Case, Figures]]]) -> bool:
+    small, large = args.small_rows, args.rows
+    print()
+    print(
+        f"Changelists through Django's test Client as a superuser, median/p90 of {args.runs} "
+        f"requests (+{args.warmup} warm-up); PostgreSQL, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+    header = (
+        f"{'changelist':<11}{'case':<30}{'rows':>10}{'median':>9}{'p90':>9}{'queries':>8}"
+        f"{'slowest q':>10}{'x small':>8}  shown"
+    )
+    print(header)
+    print("-" * len(header))
+    met = True
+    small_by_key = {(c.changelist, c.label.split(" (")[0]): f for c, f in results[small]}
+    for n in (small, large):
+        for case, f in results[n]:
+            ratio = ""
+            if n == large and small != large:
+                base = small_by_key.get((case.changelist, case.label.split(" (")[0]))
+                if base:
+                    ratio = f"{f.median / base.median:.2f}"
+            ok = (
+                f.status == 200
+                and f.median <= TARGET_MEDIAN_MS
+                and f.queries <= TARGET_QUERIES
+                and (not ratio or float(ratio) <= TARGET_RATIO)
+            )
+            if n == large:
+                met = met and ok
+            mark = "" if f.status == 200 else f" HTTP {f.status}"
+            print(
+                f"{case.changelist:<11}{case.label:<30}{n:>10,}{f.median:>8.1f} {f.p90:>8.1f} "
+                f"{f.queries:>7}{f.slowest_query_ms:>9.1f} {ratio:>7}  {f.shown}{mark}"
+                + ("" if n == small or ok else "  <- misses")
+            )
+    print(
+        f"target at {large:,} rows: median <= {TARGET_MEDIAN_MS:g} ms, <= {TARGET_QUERIES} "
+        f"queries, median <= {TARGET_RATIO:g}x the same case at {small:,} rows -> "
+        f"{'MET' if met else 'NOT MET'}"
+    )
+    return met
+
+
+if __name__ == "__main__":
+    sys.exit(main())
