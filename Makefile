@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test install worker lint check-deploy bench clean
+.PHONY: run test install worker beat lint check-deploy bench clean
 
 run: install  ## start the console on SQLite with demo data, tasks in-process
 	$(BIN)/python manage.py migrate --noinput
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 
 worker: install  ## a Celery worker (set REDIS_URL, and DATABASE_URL to the console's database)
 	$(BIN)/celery -A opsconsole worker --loglevel INFO
+
+beat: install  ## Celery beat: runs the sweeper every OPERATION_SWEEP_INTERVAL s (same settings)
+	$(BIN)/celery -A opsconsole beat --loglevel INFO
 
 lint: install
 	$(BIN)/ruff check .

@@ -31,6 +31,11 @@ class Actor:
     def worker(cls, hostname: str) -> Actor:
         return cls(user=None, name=f"worker:{hostname or 'local'}", door=Door.TASK)
 
+    @classmethod
+    def sweeper(cls) -> Actor:
+        """The periodic sweeper (``services.sweep_operations`` run by Celery beat)."""
+        return cls.worker("sweeper")
+
     def has_perm(self, permission: str) -> bool:
         if self.user is None:
             return True

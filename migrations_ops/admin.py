@@ -14,7 +14,14 @@ from django.utils.html import format_html
 
 from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
+from migrations_ops.admin_operations import (
+    TARGET_ACTIONS,
+    TargetOperationsMixin,
+    make_action,
+    verify_targets,
+)
 from migrations_ops.forms import ForceUnlockForm, TargetForm
+from migrations_ops.large_tables import LargeTableAdminMixin, period_filter, values_filter
 from migrations_ops.models import (
     AuditEvent,
     Door,
@@ -42,14 +49,19 @@ def pretty_json(value) -> str:
 
 
 @admin.register(Target)
-class TargetAdmin(admin.ModelAdmin):
+class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
     form = TargetForm
     list_display = ["name", "environment", "convention", "lock_column", "observed_column"]
     list_filter = ["environment", "convention"]
     search_fields = ["name"]
     list_select_related = ["lock_observation"]
     readonly_fields = ["masked_url", "lock_column", "created_at", "updated_at"]
-    actions = ["force_unlock", "refresh_status"]
+    actions = [
+        "force_unlock",
+        "refresh_status",
+        verify_targets,
+        *(make_action(action) for action in TARGET_ACTIONS),
+    ]
 
     def get_fields(self, request, obj=None):
         fields = [
@@ -100,6 +112,21 @@ class TargetAdmin(admin.ModelAdmin):
     def has_force_unlock_permission(self, request):
         return request.user.has_perm(services.FORCE_UNLOCK_PERMISSION)
 
+    def has_verify_permission(self, request):
+        return request.user.has_perm("migrations_ops.verify_target")
+
+    def has_run_migrations_permission(self, request):
+        return request.user.has_perm("migrations_ops.run_migrations")
+
+    def has_dry_run_migrations_permission(self, request):
+        return request.user.has_perm("migrations_ops.dry_run_migrations")
+
+    def has_cleanup_target_permission(self, request):
+        return request.user.has_perm("migrations_ops.cleanup_target")
+
+    def has_fix_books_permission(self, request):
+        return request.user.has_perm("migrations_ops.fix_books")
+
     @admin.action(description="Force-release migration lock", permissions=["force_unlock"])
     def force_unlock(self, request, queryset):
         if queryset.count() != 1:
@@ -124,6 +151,7 @@ class TargetAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.force_unlock_view),
                 name="migrations_ops_target_force_unlock",
             ),
+            *self.get_operation_urls(),
             *super().get_urls(),
         ]
 
@@ -131,7 +159,7 @@ class TargetAdmin(admin.ModelAdmin):
         if not self.has_force_unlock_permission(request):
             raise PermissionDenied
         target = get_object_or_404(Target, pk=target_id)
-        form = ForceUnlockForm(request.POST or None, target=target)
+        form = ForceUnlockForm(request.POST if request.method == "POST" else None, target=target)
         if request.method == "POST" and form.is_valid():
             try:
                 operation = services.request_force_unlock(
@@ -180,7 +208,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Operation)
-class OperationAdmin(ReadOnlyAdmin):
+class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
     list_display = [
         "id",
         "kind",
@@ -191,11 +219,16 @@ class OperationAdmin(ReadOnlyAdmin):
         "requested_at",
         "duration",
     ]
-    list_filter = ["status", "kind", "door", "target"]
-    search_fields = ["target__name", "requested_by_name", "reason"]
+    # Millions of rows (large_tables.py): no DISTINCT behind a filter, no scan behind the
+    # search, sorting only where an index gives the order (models.py has them all).
+    list_filter = [period_filter("requested_at", "requested"), "status", "kind", "door", "target"]
+    search_fields = ["requested_by_name", "target__name"]  # see LargeTableAdminMixin
+    search_columns = ("requested_by_name",)
+    search_related = (("target", "name"),)
+    search_numbers = ("id",)
+    search_help_text = "Part of a requester's or a target's name, or an operation number."
+    sortable_by = ["id", "requested_at"]
     list_select_related = ["target"]
-    date_hierarchy = "requested_at"
-    show_full_result_count = False
     change_form_template = "admin/migrations_ops/operation/change_form.html"
     fields = [
         "kind",
@@ -275,12 +308,22 @@ class OperationAdmin(ReadOnlyAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
     list_display = ["created_at", "actor_name", "door", "action", "target_name", "operation_id"]
-    list_filter = ["door", "action"]
-    search_fields = ["actor_name", "target_name", "action"]
-    date_hierarchy = "created_at"
-    show_full_result_count = False
+    # As for operations above.
+    list_filter = [
+        period_filter("created_at", "created"),
+        "door",
+        values_filter("action", "action", "action"),
+        values_filter("target_name", "target", "target"),
+    ]
+    search_fields = ["actor_name", "target_name", "action"]  # see LargeTableAdminMixin
+    search_columns = ("actor_name", "target_name", "action")
+    search_numbers = ("operation",)
+    search_help_text = (
+        "Part of an actor's or target's name or of an action, or an operation number."
+    )
+    sortable_by = ["created_at"]
     fields = [
         "created_at",
         "actor_name",

@@ -245,7 +245,7 @@ class Operation(models.Model):
     door = models.CharField(max_length=10, choices=Door.choices)
     reason = models.TextField()
     params = models.JSONField(default=dict, blank=True)
-    requested_at = models.DateTimeField(default=timezone.now, db_index=True)
+    requested_at = models.DateTimeField(default=timezone.now)  # indexed with id (Meta.indexes)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -275,7 +275,16 @@ class Operation(models.Model):
                 name="one_active_operation_per_target",
             )
         ]
-        indexes = [models.Index(fields=["status", "requested_at"])]
+        indexes = [
+            models.Index(fields=["status", "requested_at"]),
+            # The history changelist (admin.py): its ordering, and each of its filters and
+            # searched columns followed by the time, so a filtered page is read in order.
+            models.Index(fields=["requested_at", "id"]),
+            models.Index(fields=["kind", "requested_at"]),
+            models.Index(fields=["door", "requested_at"]),
+            models.Index(fields=["target", "requested_at"]),
+            models.Index(fields=["requested_by_name", "requested_at"]),
+        ]
         permissions = [("approve_operation", "Can approve or reject operations (two-person rule)")]
 
     def __str__(self) -> str:
@@ -304,7 +313,7 @@ class AuditEvent(models.Model):
     history survives a deleted user and is never rewritten by a cascade.
     """
 
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)  # indexed with id (Meta.indexes)
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -315,7 +324,7 @@ class AuditEvent(models.Model):
     )
     actor_name = models.CharField(max_length=150)
     door = models.CharField(max_length=10, choices=Door.choices)
-    action = models.CharField(max_length=60, db_index=True)
+    action = models.CharField(max_length=60)  # indexed with created_at (Meta.indexes)
     target = models.ForeignKey(
         Target,
         null=True,
@@ -337,6 +346,15 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        indexes = [
+            # The history changelist (admin.py): its ordering, and each of its filters and
+            # searched columns followed by the time, so a filtered page is read in order.
+            models.Index(fields=["created_at", "id"]),
+            models.Index(fields=["door", "created_at"]),
+            models.Index(fields=["action", "created_at"]),
+            models.Index(fields=["target_name", "created_at"]),
+            models.Index(fields=["actor_name", "created_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"

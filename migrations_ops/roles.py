@@ -53,9 +53,11 @@ def sync_roles(apps) -> None:
     from django.contrib.auth.management import create_permissions
 
     for app_config in apps.get_app_configs():
-        app_config.models_module = True
+        # Historical app configs have no models module; create_permissions skips those.
+        models_module = getattr(app_config, "models_module", None)
+        app_config.models_module = models_module or True
         create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
+        app_config.models_module = models_module
     group_model = apps.get_model("auth", "Group")
     permission_model = apps.get_model("auth", "Permission")
     permissions = list(permission_model.objects.select_related("content_type"))

@@ -6,14 +6,20 @@ for all of them. Errors meant for the user are ``ServiceError`` with a one-line 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import partial
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db import connection as console_connection
+from django.db.models import Max, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from migrations_ops import engine
@@ -489,9 +495,10 @@ def _not_awaiting(operation: Operation) -> ServiceError:
     )
 
 
-def send_operation(operation_id: int) -> None:
+def send_operation(operation_id: int) -> bool:
     """Hand the operation to Celery. If the broker is down the row stays queued: the outbox
-    keeps the request, so a broker outage delays work and never loses it."""
+    keeps the request, so a broker outage delays work and never loses it (the sweeper sends it
+    again, see ``sweep_operations``). Returns whether the task was sent."""
     from migrations_ops.tasks import execute_operation_task
 
     try:
@@ -499,11 +506,14 @@ def send_operation(operation_id: int) -> None:
     except Exception as error:  # the broker's client raises many kinds
         logger.warning("operation %s stays queued: broker unavailable: %s", operation_id, error)
         _append_log(operation_id, f"could not reach the task broker ({error}); still queued")
+        return False
+    return True
 
 
 def execute_operation(operation_id: int, *, worker: str = "") -> Operation | None:
     """Run a queued operation. The claim is a conditional update, so a duplicated or
-    redelivered task finds the operation already claimed and does nothing."""
+    redelivered task finds the operation already claimed and does nothing. While the runner
+    works, a heartbeat keeps ``heartbeat_at`` fresh for the sweeper."""
     now = timezone.now()
     claimed = Operation.objects.filter(pk=operation_id, status=OperationStatus.QUEUED).update(
         status=OperationStatus.RUNNING, started_at=now, heartbeat_at=now, worker=worker
@@ -514,7 +524,10 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
     operation = Operation.objects.select_related("target").get(pk=operation_id)
     log = [_log_line(f"claimed by {worker or 'in-process'}")]
     try:
-        result = RUNNERS[operation.kind](operation, log)
+        with _heartbeat(operation_id):
+            result = RUNNERS[operation.kind](operation, log)
+    except SoftTimeLimitExceeded:
+        return _finish(operation, log, OperationStatus.FAILED, error=_time_limit_error(operation))
     except engine.EngineError as error:
         # A failed migration still reports the statements that ran before the failure.
         report = getattr(error, "report", None)
@@ -526,6 +539,68 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
             operation, log, OperationStatus.FAILED, error=f"internal error: {type(error).__name__}"
         )
     return _finish(operation, log, OperationStatus.SUCCEEDED, result=result)
+
+
+@contextlib.contextmanager
+def _heartbeat(operation_id: int):
+    """While the body runs, refresh the operation's ``heartbeat_at`` every
+    OPERATION_HEARTBEAT_SECONDS from a thread of its own, with its own connection to the
+    console's database (closed when it stops): a worker that dies stops beating, which is how
+    the sweeper tells it from one still at work."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_beat,
+        args=(operation_id, stop, settings.OPERATION_HEARTBEAT_SECONDS),
+        name=f"heartbeat-operation-{operation_id}",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _beat(operation_id: int, stop: threading.Event, interval: float) -> None:
+    try:
+        while not stop.wait(interval):
+            try:
+                with transaction.atomic():
+                    # Never waits for the row: one locked by a writer (the operation finishing,
+                    # the sweeper) skips this beat, so stopping the heartbeat cannot deadlock.
+                    status = (
+                        Operation.objects.select_for_update(skip_locked=True)
+                        .filter(pk=operation_id)
+                        .values_list("status", flat=True)
+                        .first()
+                    )
+                    if status == OperationStatus.RUNNING:
+                        Operation.objects.filter(pk=operation_id).update(
+                            heartbeat_at=timezone.now()
+                        )
+            except Exception as error:  # the console's database away for a moment: next beat
+                logger.warning("operation %s: heartbeat not recorded: %s", operation_id, error)
+                console_connection.close()
+                continue
+            if status is not None and status != OperationStatus.RUNNING:
+                return  # finished, or marked lost: nothing left to keep alive
+    finally:
+        console_connection.close()
+
+
+def _time_limit_error(operation: Operation) -> str:
+    """The soft time limit stopped the runner (Celery raised it in the task): what that left."""
+    error = (
+        f"stopped by the time limit: still running after {settings.OPERATION_SOFT_TIME_LIMIT} s "
+        "(OPERATION_SOFT_TIME_LIMIT); its connection to the target was closed, so the target "
+        "rolls its open transaction back (statements run outside a transaction stay done)"
+    )
+    if operation.kind in LOCK_TAKING_KINDS:
+        state, note = _lock_left_by(operation)
+        if state in ("ours", "maybe_ours", "unknown"):
+            error += f"; {note}"
+    return error
 
 
 def _run_force_unlock(operation: Operation, log: list[str]) -> dict:
@@ -585,6 +660,214 @@ def _append_log(operation_id: int, text: str) -> None:
         operation = Operation.objects.select_for_update().get(pk=operation_id)
         operation.log += _log_line(text)
         operation.save(update_fields=["log"])
+
+
+# --- the sweeper: the outbox's other half, and the dead-worker detector -------------------------
+# The kinds that take the target's migration lock (engine.run_migrations), dry runs included.
+LOCK_TAKING_KINDS = (OperationKind.APPLY, OperationKind.ROLLBACK)
+
+
+@dataclass
+class LostOperation:
+    operation_id: int
+    kind: str
+    target: str
+    worker: str
+    last_heard_at: dt.datetime
+    # "ours", "maybe_ours" (a lock table that names no holder), "other", "free", "unknown"
+    # (unreadable), or "" for a kind that takes no lock.
+    lock: str
+    lock_note: str
+
+    def as_dict(self) -> dict:
+        return {
+            "operation": self.operation_id,
+            "kind": self.kind,
+            "target": self.target,
+            "worker": self.worker,
+            "last_heard_at": self.last_heard_at.isoformat(),
+            "lock": self.lock,
+            "lock_note": self.lock_note,
+        }
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did: operations sent again, those the broker still refused, and those
+    whose worker fell silent, marked lost."""
+
+    resent: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)
+    lost: list[LostOperation] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "resent": self.resent,
+            "unsent": self.unsent,
+            "lost": [lost.as_dict() for lost in self.lost],
+        }
+
+    def lines(self) -> list[str]:
+        lines = [f"operation #{pk}: still queued, sent again" for pk in self.resent]
+        lines += [
+            f"operation #{pk}: still queued, the task broker is unreachable" for pk in self.unsent
+        ]
+        for lost in self.lost:
+            note = f"; {lost.lock_note}" if lost.lock_note else ""
+            lines.append(
+                f"operation #{lost.operation_id} ({lost.kind} on {lost.target}): marked lost, "
+                f"no heartbeat from {lost.worker or 'its worker'} since "
+                f"{lost.last_heard_at:%Y-%m-%d %H:%M:%S} UTC{note}"
+            )
+        return lines
+
+
+def sweep_operations(now: dt.datetime | None = None, *, actor: Actor | None = None) -> SweepReport:
+    """Run periodically (the ``migrations_ops.sweep_operations`` task, scheduled by ``make
+    beat``) or by hand (``ops sweep``):
+
+    - an operation queued longer than OUTBOX_RESEND_AFTER seconds (its task never sent, or lost
+      by the broker) is sent again, at most once per that many seconds: a duplicate is harmless,
+      the claim being a conditional update;
+    - a running operation not heard from (heartbeat) for OPERATION_LOST_AFTER seconds is marked
+      lost, if it is still running with that same heartbeat, and the target's lock is read: a
+      lock it left held is reported, for a person to force-release. Nothing is re-run: what a
+      dead worker did to the target is for a person to check.
+    """
+    now = now or timezone.now()
+    actor = actor or Actor.sweeper()
+    report = SweepReport()
+    _resend_queued(now, actor, report)
+    _mark_lost(now, actor, report)
+    return report
+
+
+def _resend_queued(now: dt.datetime, actor: Actor, report: SweepReport) -> None:
+    deadline = now - dt.timedelta(seconds=settings.OUTBOX_RESEND_AFTER)
+    waiting = (
+        Operation.objects.filter(status=OperationStatus.QUEUED)
+        .annotate(
+            # queued when requested, or when approved
+            queued_at=Coalesce("decided_at", "requested_at"),
+            resent_at=Max(
+                "audit_events__created_at", filter=Q(audit_events__action="operation.resent")
+            ),
+        )
+        .filter(queued_at__lt=deadline)
+        .filter(Q(resent_at__isnull=True) | Q(resent_at__lt=deadline))
+        .select_related("target")
+        .order_by("pk")
+    )
+    for operation in waiting:
+        waited = int((now - operation.queued_at).total_seconds())
+        _append_log(operation.pk, f"still queued after {waited} s: {actor.name} sends it again")
+        if not send_operation(operation.pk):
+            report.unsent.append(operation.pk)
+            continue
+        record_audit_event(
+            actor,
+            "operation.resent",
+            target=operation.target,
+            operation=operation,
+            details={"queued_at": operation.queued_at.isoformat(), "waited_seconds": waited},
+        )
+        report.resent.append(operation.pk)
+
+
+def _mark_lost(now: dt.datetime, actor: Actor, report: SweepReport) -> None:
+    deadline = now - dt.timedelta(seconds=settings.OPERATION_LOST_AFTER)
+    silent = (
+        Operation.objects.filter(status=OperationStatus.RUNNING)
+        .annotate(last_heard_at=Coalesce("heartbeat_at", "started_at", "requested_at"))
+        .filter(last_heard_at__lt=deadline)
+        .select_related("target")
+        .order_by("pk")
+    )
+    for operation in silent:
+        last_heard_at = operation.last_heard_at
+        lock, lock_note = (
+            _lock_left_by(operation) if operation.kind in LOCK_TAKING_KINDS else ("", "")
+        )
+        error = (
+            f"lost: no heartbeat from {operation.worker or 'its worker'} since "
+            f"{last_heard_at:%Y-%m-%d %H:%M:%S} UTC ({int((now - last_heard_at).total_seconds())} "
+            f"s, more than OPERATION_LOST_AFTER = {settings.OPERATION_LOST_AFTER} s): the worker "
+            "died or was cut off mid-run; what it had not committed on the target is rolled back "
+            "there. Check the target before asking again"
+        )
+        with transaction.atomic():
+            marked = Operation.objects.filter(
+                pk=operation.pk,
+                status=OperationStatus.RUNNING,
+                heartbeat_at=operation.heartbeat_at,  # None: IS NULL
+            ).update(status=OperationStatus.LOST, finished_at=now, error=error)
+            if not marked:
+                continue  # it beat, or finished, since it was read: alive after all
+            _append_log(operation.pk, f"marked lost by {actor.name}: {error}")
+            if lock_note:
+                _append_log(operation.pk, lock_note)
+            record_audit_event(
+                actor,
+                "operation.lost",
+                target=operation.target,
+                operation=operation,
+                details={
+                    "kind": operation.kind,
+                    "worker": operation.worker,
+                    "last_heard_at": last_heard_at.isoformat(),
+                    "lock": lock,
+                    "lock_note": lock_note,
+                },
+            )
+        report.lost.append(
+            LostOperation(
+                operation_id=operation.pk,
+                kind=operation.kind,
+                target=operation.target.name,
+                worker=operation.worker,
+                last_heard_at=last_heard_at,
+                lock=lock,
+                lock_note=lock_note,
+            )
+        )
+
+
+def _lock_left_by(operation: Operation) -> tuple[str, str]:
+    """Whether the target's migration lock is still held by this operation, which will never
+    release it now (its worker died, or the time limit stopped it)."""
+    target = operation.target
+    status = read_target_status(target, include_applied=False)
+    if status.error:
+        return "unknown", (
+            f"could not read the migration lock of {target.name} ({status.error}): check "
+            "whether this operation left it held"
+        )
+    observation = status.observation
+    if not observation.held:
+        return "free", f"the migration lock of {target.name} is free"
+    holder = lock_holder(operation)
+    release = (
+        "force-release it (admin: Force-release migration lock, with 'release a fresh lock'; "
+        f"CLI: ops unlock --target {target.name} --reason TEXT --force)"
+    )
+    if observation.holder == holder or any(
+        value == holder for row in observation.rows for value in row.values()
+    ):
+        return "ours", (
+            f"the migration lock of {target.name} is still held by this operation ({holder}) "
+            f"and nothing will release it: {release}"
+        )
+    if not observation.holder:
+        rows = engine.conventions.describe_rows(observation.rows)
+        return "maybe_ours", (
+            f"the migration lock of {target.name} is held and its table names no holder "
+            f"({rows}): it may be this operation's; unless another migration is running, "
+            f"{release}"
+        )
+    return "other", (
+        f"the migration lock of {target.name} is held by {observation.holder}, not by this "
+        "operation"
+    )
 
 
 # --- migration scripts -------------------------------------------------------------------------
@@ -900,10 +1183,16 @@ def request_cleanup(
 
 
 # --- running them (in the task) ----------------------------------------------------------------
+def lock_holder(operation: Operation) -> str:
+    """What an operation writes as the holder of the target's migration lock (where the
+    lock table keeps one)."""
+    return f"opsconsole operation #{operation.pk} ({operation.requested_by_name})"
+
+
 def _run_settings(operation: Operation) -> engine.RunSettings:
     target = operation.target
     return engine.RunSettings(
-        holder=f"opsconsole operation #{operation.pk} ({operation.requested_by_name})",
+        holder=lock_holder(operation),
         lock_wait_seconds=target.lock_timeout_seconds,
         max_retries=target.max_retries,
         statement_timeout_seconds=target.statement_timeout_seconds,

@@ -9,3 +9,9 @@ from migrations_ops import services
 def execute_operation_task(self, operation_id: int) -> str | None:
     operation = services.execute_operation(operation_id, worker=self.request.hostname or "")
     return operation.status if operation else None
+
+
+@shared_task(name="migrations_ops.sweep_operations")
+def sweep_operations_task() -> dict:
+    """Run by Celery beat every OPERATION_SWEEP_INTERVAL seconds (``make beat``)."""
+    return services.sweep_operations().as_dict()

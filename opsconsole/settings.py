@@ -22,12 +22,13 @@ DEBUG = env.bool("DEBUG", default=True)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "opsconsole.apps.OpsAdminConfig",  # django.contrib.admin, its index on the fleet
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_celery_beat",
     "migrations_ops",
     "incidents",
 ]
@@ -99,9 +100,22 @@ CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = False
 CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="opsconsole")
+# At-least-once delivery, run at most once: a task is acknowledged only once it has run (acks
+# late) and is put back if its worker process dies (reject on worker lost); one worker process
+# holds one unacknowledged task at a time (prefetch 1). A task delivered again finds its
+# operation already claimed and does nothing (services.execute_operation).
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# The soft time limit fails a running operation cleanly (its target connection closes, so the
+# target rolls back its open transaction); the hard limit kills the worker process a minute
+# later. Redis hands a message not acknowledged within visibility_timeout to another worker, so
+# the timeout must outlast the longest a task may run -- the hard limit -- or an operation still
+# running would be delivered again.
+OPERATION_SOFT_TIME_LIMIT = env.int("OPERATION_SOFT_TIME_LIMIT", default=900)
+CELERY_TASK_SOFT_TIME_LIMIT = OPERATION_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = OPERATION_SOFT_TIME_LIMIT + 60
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 300}
 # Celery's Django fix-up would close the console's connection before and after every task;
 # this tells it to leave it (it closes it every 2000 tasks), and opsconsole/celery.py closes it
 # by Django's rules instead (CONN_MAX_AGE, CONN_HEALTH_CHECKS, errors).
@@ -112,6 +126,36 @@ CELERY_TIMEZONE = TIME_ZONE
 
 # Two-person rule: a request not approved within this many seconds expires.
 OPERATION_APPROVAL_TTL = env.int("OPERATION_APPROVAL_TTL", default=1800)
+
+# The runbook's alert thresholds, as the fleet view on the admin index applies them
+# (selectors.fleet_overview): a lock held longer than ALERT_LOCK_HELD_SECONDS, or more than
+# ALERT_FAILURE_RATE of the past 24 h's migrations failed, is critical; more than
+# ALERT_RETRY_RATE of them retried for the lock is a warning.
+ALERT_LOCK_HELD_SECONDS = env.int("ALERT_LOCK_HELD_SECONDS", default=30)
+ALERT_FAILURE_RATE = env.float("ALERT_FAILURE_RATE", default=0.10)
+ALERT_RETRY_RATE = env.float("ALERT_RETRY_RATE", default=0.50)
+
+# The sweeper (services.sweep_operations; `make beat` runs it every OPERATION_SWEEP_INTERVAL s).
+# A running operation's worker refreshes its heartbeat every OPERATION_HEARTBEAT_SECONDS; one
+# not heard from for OPERATION_LOST_AFTER seconds is marked lost. An operation queued longer
+# than OUTBOX_RESEND_AFTER seconds (its task never sent, or lost) is sent again.
+OPERATION_HEARTBEAT_SECONDS = env.float("OPERATION_HEARTBEAT_SECONDS", default=10)
+OPERATION_LOST_AFTER = env.int(
+    "OPERATION_LOST_AFTER", default=int(3 * OPERATION_HEARTBEAT_SECONDS + 30)
+)
+OUTBOX_RESEND_AFTER = env.int("OUTBOX_RESEND_AFTER", default=60)
+OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
+# Celery beat keeps its schedule in the console's database (django-celery-beat: editable in
+# the admin); the entry below is written there whenever beat starts.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULE = {
+    "sweep-operations": {
+        "task": "migrations_ops.sweep_operations",
+        "schedule": float(OPERATION_SWEEP_INTERVAL),
+        # A sweep not started within one interval is dropped: the next one does its work.
+        "options": {"expires": OPERATION_SWEEP_INTERVAL},
+    },
+}
 
 # --- Target databases ---------------------------------------------------------------------------
 # Seconds to wait for a target to answer before reporting it unreachable.

@@ -69,3 +69,16 @@ def real_worker(celery_worker_process, settings):
     app.conf.task_always_eager = False
     yield celery_worker_process
     app.conf.task_always_eager = True
+
+
+@pytest.fixture
+def roles(db):
+    """The console's groups. A data migration creates them, but a transactional test's flush
+    empties every table, so tests that need them make sure they are there."""
+    from django.apps import apps
+    from django.contrib.contenttypes.models import ContentType
+
+    from migrations_ops.roles import sync_roles
+
+    ContentType.objects.clear_cache()  # ids cached before a flush point at deleted rows
+    sync_roles(apps)

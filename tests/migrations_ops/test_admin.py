@@ -645,3 +645,122 @@ def test_a_rejection_needs_a_reason_and_ends_the_request(awaiting, client, pg_ta
     assert awaiting.status == OperationStatus.CANCELLED
     assert awaiting.decision_reason == "wait for the DBA"
     assert len(pg_target.runbook_lock_rows()) == 1
+
+
+# --- history at scale ------------------------------------------------------------------------
+def paginator_text(response) -> str:
+    """The page links and the count, without the 'Show all' link."""
+    found = re.search(r'<p class="paginator">(.*?)</p>', body(response), re.DOTALL)
+    return text(found.group(1)).removesuffix(" Show all")
+
+
+def seed_history(target, start: int, stop: int) -> None:
+    """Operations and audit events number ``start`` to ``stop - 1``, three requesters."""
+    operations = Operation.objects.bulk_create(
+        Operation(
+            kind="verify",
+            target=target,
+            status=OperationStatus.SUCCEEDED,
+            requested_by_name=f"requester{i % 3}",
+            door="cli",
+            reason=f"check {i}",
+        )
+        for i in range(start, stop)
+    )
+    AuditEvent.objects.bulk_create(
+        AuditEvent(
+            actor_name=f"requester{i % 3}",
+            door="cli",
+            action="operation.requested",
+            target=target,
+            target_name=target.name,
+            operation=operation,
+        )
+        for i, operation in zip(range(start, stop), operations, strict=True)
+    )
+
+
+def history_pages(target) -> dict[str, list[str]]:
+    year = dt.datetime.now(dt.UTC).year
+    return {
+        "operation": [
+            "",
+            "?p=2",
+            "?status__exact=succeeded",
+            f"?door__exact=cli&target__id__exact={target.pk}",
+            f"?requested={year}",
+            "?q=requester1",
+            f"?q={target.name}",
+        ],
+        "auditevent": [
+            "",
+            "?p=2",
+            f"?door__exact=cli&target={target.name}",
+            "?action=operation.requested",
+            f"?created={year}",
+            "?q=requester1",
+            f"?q={target.name}",
+        ],
+    }
+
+
+@pytest.mark.parametrize("model", ["operation", "auditevent"])
+def test_history_changelists_run_as_many_queries_whatever_the_rows_and_never_count_them_all(
+    superuser_client, model, monkeypatch
+):
+    from django.contrib import admin
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    model_admin = admin.site.get_model_admin(
+        {"operation": Operation, "auditevent": AuditEvent}[model]
+    )
+    monkeypatch.setattr(model_admin, "list_per_page", 10)  # several pages, even when filtered
+    target = TargetFactory(name="orders-staging")
+    changelist = reverse(f"admin:migrations_ops_{model}_changelist")
+
+    def queries(rows: int) -> dict[str, list[str]]:
+        seen = {}
+        for query in history_pages(target)[model]:
+            with CaptureQueriesContext(connection) as captured:
+                response = superuser_client.get(changelist + query)
+            assert response.status_code == 200, query
+            if not query:  # counted exactly: a small table
+                counted = f"{rows} {model_admin.opts.verbose_name_plural}"
+                assert re.search(rf"(^| ){counted}$", paginator_text(response))
+            seen[query] = [q["sql"] for q in captured.captured_queries]
+        return seen
+
+    seed_history(target, 0, 40)
+    few = queries(40)
+    seed_history(target, 40, 100)
+    more = queries(100)
+
+    for query, statements in more.items():
+        assert len(statements) == len(few[query]) <= 12, query
+        for sql in statements:
+            assert "DISTINCT" not in sql.upper(), (query, sql)
+            if re.search(r"\bCOUNT\(", sql, re.IGNORECASE):
+                assert re.search(r"\bLIMIT \d+\)", sql), (query, sql)  # a capped count only
+
+
+def test_a_large_history_shows_an_estimate_and_every_page_still_opens(
+    superuser_client, monkeypatch
+):
+    from django.contrib import admin
+
+    from migrations_ops import large_tables
+
+    monkeypatch.setattr(large_tables, "EXACT_COUNT_LIMIT", 5)  # 60 rows count as a large table
+    monkeypatch.setattr(admin.site.get_model_admin(Operation), "list_per_page", 10)
+    seed_history(TargetFactory(), 0, 60)
+    changelist = reverse("admin:migrations_ops_operation_changelist")
+
+    first = superuser_client.get(changelist)
+    last = superuser_client.get(changelist + "?p=6")
+
+    assert re.search(r" about \d+ operations$", paginator_text(first))
+    assert "requester0" in text(body(first))
+    assert last.status_code == 200
+    assert re.search(r" 6 60 operations$", paginator_text(last))  # exact on the last page
+    assert len(re.findall(r'class="field-id"', body(last))) == 10

@@ -11,7 +11,7 @@ from migrations_ops.models import AuditEvent, Door, Environment, Operation, Oper
 from migrations_ops.roles import AUDITOR, INCIDENT_COMMANDER, ON_CALL
 from tests.factories import TargetFactory, UserFactory
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
 STALE = dt.timedelta(minutes=20)
 

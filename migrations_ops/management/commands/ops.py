@@ -99,6 +99,9 @@ class Command(BaseCommand):
         reject.add_argument("--operation", type=int, required=True)
         reject.add_argument("--reason", required=True)
 
+        commands.add_parser(
+            "sweep", help="send stuck queued operations again, mark dead workers' operations lost"
+        )
         commands.add_parser("demo", help="load the demo targets and admin user")
 
     @staticmethod
@@ -356,6 +359,15 @@ class Command(BaseCommand):
             reason=options["reason"],
         )
         self.stdout.write(f"operation #{operation.pk} rejected: {options['reason']}")
+
+    def handle_sweep(self, actor, options):
+        report = services.sweep_operations(actor=actor)
+        for line in report.lines():
+            self.stdout.write(line)
+        self.stdout.write(
+            f"sweep: {len(report.resent)} sent again, {len(report.unsent)} still unsent, "
+            f"{len(report.lost)} marked lost"
+        )
 
     def handle_demo(self, actor, options):
         result = load_demo(Path(settings.DATA_DIR) / "demo")
