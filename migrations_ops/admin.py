@@ -17,6 +17,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.admin_operations import (
     TARGET_ACTIONS,
     TargetOperationsMixin,
+    error_with_link,
     make_action,
     verify_targets,
 )
@@ -170,7 +171,7 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
                     confirm_name=form.cleaned_data.get("confirm_name"),
                 )
             except services.ServiceError as error:
-                form.add_error(None, str(error))
+                form.add_error(None, error_with_link(error))
             else:
                 self.message_user(
                     request,

@@ -10,7 +10,8 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
+from django.utils.html import format_html
 
 from migrations_ops import engine, selectors, services
 from migrations_ops.actors import Actor
@@ -86,6 +87,14 @@ class TargetOperationForm(forms.Form):
                 widget=forms.RadioSelect,
                 help_text="Changes only the books: no SQL runs.",
             )
+
+
+def error_with_link(error: services.ServiceError):
+    """A refusal as the page shows it: an operation in the way is a link to it."""
+    if isinstance(error, services.OperationInProgress):
+        url = reverse("admin:migrations_ops_operation_change", args=[error.operation_id])
+        return format_html('{} (<a href="{}">open it</a>)', str(error), url)
+    return str(error)
 
 
 def request_operation(actor: Actor, target: Target, action: TargetAction, data: dict):
@@ -181,7 +190,7 @@ class TargetOperationsMixin:
                     Actor.for_user(request.user, Door.ADMIN), target, action, form.cleaned_data
                 )
             except services.ServiceError as error:
-                form.add_error(None, str(error))
+                form.add_error(None, error_with_link(error))
             else:
                 self.message_user(
                     request,

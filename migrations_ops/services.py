@@ -58,6 +58,14 @@ class TargetNotFound(ServiceError):
     pass
 
 
+class OperationInProgress(ServiceError):
+    """One mutating operation per target at a time: ``operation_id`` is the one in the way."""
+
+    def __init__(self, message: str, *, operation_id: int):
+        super().__init__(message)
+        self.operation_id = operation_id
+
+
 class TargetUnavailable(ServiceError):
     """The target could not be read (unreachable, or not a migrations database)."""
 
@@ -369,9 +377,10 @@ def _create_operation(
         )
         if active is None:
             raise
-        raise ServiceError(
+        raise OperationInProgress(
             f"operation #{active.pk} ({active.get_kind_display()}, {active.status}) is already "
-            f"in progress on {target.name}: wait for it to finish"
+            f"in progress on {target.name}: wait for it to finish",
+            operation_id=active.pk,
         ) from None
     return operation
 

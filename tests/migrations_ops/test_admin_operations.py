@@ -125,6 +125,10 @@ def test_a_second_operation_on_the_target_is_refused_with_the_one_in_progress(on
         )
     )
     assert f"operation #{first.pk} (Clean up the lock table, queued) is already in progress" in page
+    link = reverse("admin:migrations_ops_operation_change", args=[first.pk])
+    assert f'<a href="{link}">open it</a>' in body(
+        oncall.post(operate_url(shop, "cleanup"), {"reason": "x"})
+    )
 
 
 def test_fix_books_and_cleanup_pages(oncall, shop, django_capture_on_commit_callbacks):
