@@ -3,19 +3,20 @@
     .venv/bin/python bench/admin_scale.py [--rows N] [--small-rows N] [--runs N] [--warmup N]
                                           [--check]
 
-Builds its own console database on the local PostgreSQL (``migrate``), removed at the end (also
-on Ctrl-C, SIGTERM and errors). Seeds it in SQL (``INSERT ... SELECT generate_series``): 8 users,
-50 targets (some far busier than others), operations and audit events spread over 3 years in
-time order, every status, kind, door and action, then ``VACUUM ANALYZE`` as autovacuum would.
-The audit table refuses UPDATE and DELETE (a trigger), so it is only ever inserted into and
-emptied with TRUNCATE.
+Builds two console databases of its own on the local PostgreSQL (``migrate``), removed at the
+end (also on Ctrl-C, SIGTERM and errors), and seeds them in SQL (``INSERT ... SELECT
+generate_series``): the same 8 users and 50 targets (some far busier than others), then
+``--small-rows`` (default 10,000) resp. ``--rows`` (default 1,000,000) operations and as many
+audit events, spread over 3 years in time order, every status, kind, door and action; then
+``VACUUM ANALYZE`` as autovacuum would. The audit table refuses UPDATE and DELETE (a trigger),
+so it is only ever inserted into.
 
-It first seeds ``--small-rows`` operations and as many audit events (default 10,000) and times
-every case, then empties both tables and does the same with ``--rows`` (default 1,000,000).
 Each case is a GET of a changelist through Django's test Client, logged in as a superuser,
-with the console configured as deployed (DEBUG off, the database session backend): the median
-and p90 of ``--runs`` requests after ``--warmup`` untimed ones, then one more request under
-``CaptureQueriesContext`` for the number of queries and the slowest of them.
+with the console configured as deployed (DEBUG off, the database session backend). A case runs
+at both sizes in turns, ``ROUNDS`` blocks each (switching the connection between the two
+databases, untimed), so other work on the machine weighs on both sizes alike: the median and p90
+of about ``--runs`` requests per size, each block after ``--warmup`` untimed ones, then one more
+request under ``CaptureQueriesContext`` for the number of queries and the slowest of them.
 
 Target at the large size, for every case: median <= 150 ms, at most 12 queries, and a median
 within 1.5x of the same case at the small size.
@@ -42,6 +43,7 @@ import psycopg  # noqa: E402
 TARGET_MEDIAN_MS = 150.0
 TARGET_QUERIES = 12
 TARGET_RATIO = 1.5
+ROUNDS = 3  # blocks of requests per case and size, alternating between the sizes
 DEEP_PAGE = 500
 YEARS = 3
 
@@ -100,14 +102,18 @@ def configure_environment(console_db_url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console_db = f"opsconsole_bench_admin_{os.getpid()}"
-    created = False
+    databases = {
+        args.small_rows: f"opsconsole_bench_admin_{os.getpid()}_small",
+        args.rows: f"opsconsole_bench_admin_{os.getpid()}_large",
+    }
+    created: list[str] = []
     try:
         with harness.sigterm_as_keyboard_interrupt():
-            url = harness.create_pg_database(console_db)
-            created = True
+            for name in databases.values():
+                url = harness.create_pg_database(name)
+                created.append(name)
             configure_environment(url)
-            met = run(args, url)
+            met = run(args, databases)
             return 1 if args.check and not met else 0
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
@@ -117,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             from django.db import connections
 
             connections.close_all()
-        if created:
+        for name in created:
             try:
-                harness.drop_pg_database(console_db)
+                harness.drop_pg_database(name)
             except psycopg.Error as error:
-                print(f"could not drop database {console_db}: {error}", file=sys.stderr)
+                print(f"could not drop database {name}: {error}", file=sys.stderr)
 
 
 # --- seeding -----------------------------------------------------------------------------------
@@ -345,15 +351,12 @@ def vacuum_analyze(tables: list[str]) -> None:
             conn.execute(f'VACUUM (ANALYZE) "{table}"')
 
 
-def empty_history() -> None:
+def use_database(name: str) -> None:
+    """Point Django's connection at another of the bench's databases (it reconnects)."""
     from django.db import connection
 
-    from migrations_ops.models import AuditEvent, Operation
-
-    tables = ", ".join(connection.ops.quote_name(m._meta.db_table) for m in (AuditEvent, Operation))
-    with connection.cursor() as cursor:
-        # TRUNCATE fires no row trigger: the append-only rule is about rows, not the bench.
-        cursor.execute(f"TRUNCATE {tables} RESTART IDENTITY")
+    connection.close()
+    connection.settings_dict["NAME"] = name
 
 
 # --- the cases ---------------------------------------------------------------------------------
@@ -398,10 +401,9 @@ class Figures:
     shown: str
 
 
-def measure(client, url: str, runs: int, warmup: int) -> Figures:
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
+def timed(client, url: str, runs: int, warmup: int) -> tuple[list[float], int]:
+    """Seconds of each of ``runs`` GETs after ``warmup`` untimed ones, and the first status
+    other than 200 (200 if none)."""
     for _ in range(warmup):
         client.get(url)
     times = []
@@ -411,6 +413,14 @@ def measure(client, url: str, runs: int, warmup: int) -> Figures:
         response = client.get(url)
         times.append(time.perf_counter() - start)
         status = response.status_code if status == 200 else status
+    return times, status
+
+
+def figures(client, url: str, times: list[float], status: int) -> Figures:
+    """The figures of a case: its times, and one more GET under ``CaptureQueriesContext``."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
     with CaptureQueriesContext(connection) as captured:
         response = client.get(url)
     slowest = max((float(q["time"]) for q in captured.captured_queries), default=0.0)
@@ -430,53 +440,75 @@ def measure(client, url: str, runs: int, warmup: int) -> Figures:
     )
 
 
-def run(args: argparse.Namespace, url: str) -> bool:
+def run(args: argparse.Namespace, databases: dict[int, str]) -> bool:
     import django
 
     django.setup()
 
     from django.contrib import admin
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
     from django.core.management import call_command
     from django.test import Client
     from django.urls import reverse
 
     from migrations_ops.models import Operation
 
-    call_command("migrate", verbosity=0, interactive=False)
-    world = create_world()
-    root = get_user_model().objects.create_superuser("root", "root@example.com", "x")
-    client = Client()
-    client.force_login(root)
     per_page = admin.site.get_model_admin(Operation).list_per_page
-    gc.freeze()
-
-    results: dict[int, list[tuple[Case, Figures]]] = {}
-    for n in (args.small_rows, args.rows):
-        empty_history()
+    for n, name in databases.items():
+        use_database(name)
+        call_command("migrate", verbosity=0, interactive=False)
+        # Both databases get the same users and targets, with the same ids.
+        world = create_world()
+        # The same (unusable) password in both, or a session would not survive the switch.
+        root = get_user_model().objects.create(
+            username="root", is_staff=True, is_superuser=True, password=UNUSABLE_PASSWORD_PREFIX
+        )
         seconds = seed(world, n)
         print(f"seeded {n:,} operations and {n:,} audit events in {seconds:.1f} s", file=sys.stderr)
-        results[n] = []
-        for case in cases(world, n, per_page):
-            path = reverse(f"admin:migrations_ops_{case.changelist}_changelist")
-            figures = measure(
-                client, f"{path}?{case.query}" if case.query else path, args.runs, args.warmup
-            )
-            results[n].append((case, figures))
+    client = Client()
+    gc.freeze()
+
+    # Each case runs at both sizes in turns (ROUNDS blocks each), so that both sizes see the
+    # same load from whatever else runs on the machine.
+    small, large = args.small_rows, args.rows
+    per_round = max(1, -(-args.runs // ROUNDS))
+    results: dict[int, list[tuple[Case, Figures]]] = {small: [], large: []}
+    for pair in zip(cases(world, small, per_page), cases(world, large, per_page), strict=True):
+        times: dict[int, list[float]] = {small: [], large: []}
+        status = {small: 200, large: 200}
+        for _ in range(ROUNDS):
+            for n, case in zip((small, large), pair, strict=True):
+                use_database(databases[n])
+                client.force_login(root)
+                block, block_status = timed(client, url_of(case, reverse), per_round, args.warmup)
+                times[n] += block
+                status[n] = block_status if status[n] == 200 else status[n]
+        for n, case in zip((small, large), pair, strict=True):
+            use_database(databases[n])
+            client.force_login(root)
+            results[n].append((case, figures(client, url_of(case, reverse), times[n], status[n])))
             print(
-                f"  {n:>9,} {case.changelist:<10} {case.label:<28} {figures.median:7.1f} ms",
+                f"  {n:>9,} {case.changelist:<10} {case.label:<28} "
+                f"{results[n][-1][1].median:7.1f} ms",
                 file=sys.stderr,
             )
     return report(args, results)
+
+
+def url_of(case: Case, reverse) -> str:
+    path = reverse(f"admin:migrations_ops_{case.changelist}_changelist")
+    return f"{path}?{case.query}" if case.query else path
 
 
 def report(args: argparse.Namespace, results: dict[int, list[tuple[Case, Figures]]]) -> bool:
     small, large = args.small_rows, args.rows
     print()
     print(
-        f"Changelists through Django's test Client as a superuser, median/p90 of {args.runs} "
-        f"requests (+{args.warmup} warm-up); PostgreSQL, {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()[0]:.2f}"
+        f"Changelists through Django's test Client as a superuser, median/p90 of "
+        f"{ROUNDS * max(1, -(-args.runs // ROUNDS))} requests per case and size (in {ROUNDS} "
+        f"blocks alternating between the sizes, each after {args.warmup} warm-up); PostgreSQL, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
     )
     header = (
         f"{'changelist':<11}{'case':<30}{'rows':>10}{'median':>9}{'p90':>9}{'queries':>8}"

@@ -708,16 +708,22 @@ class SweepReport:
     resent: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
     lost: list[LostOperation] = field(default_factory=list)
+    expired: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
             "resent": self.resent,
             "unsent": self.unsent,
             "lost": [lost.as_dict() for lost in self.lost],
+            "expired": self.expired,
         }
 
     def lines(self) -> list[str]:
         lines = [f"operation #{pk}: still queued, sent again" for pk in self.resent]
+        lines += [
+            f"operation #{pk}: not approved within {settings.OPERATION_APPROVAL_TTL} s, expired"
+            for pk in self.expired
+        ]
         lines += [
             f"operation #{pk}: still queued, the task broker is unreachable" for pk in self.unsent
         ]
@@ -741,11 +747,13 @@ def sweep_operations(now: dt.datetime | None = None, *, actor: Actor | None = No
     - a running operation not heard from (heartbeat) for OPERATION_LOST_AFTER seconds is marked
       lost, if it is still running with that same heartbeat, and the target's lock is read: a
       lock it left held is reported, for a person to force-release. Nothing is re-run: what a
-      dead worker did to the target is for a person to check.
+      dead worker did to the target is for a person to check;
+    - a request awaiting approval longer than OPERATION_APPROVAL_TTL seconds expires.
     """
     now = now or timezone.now()
     actor = actor or Actor.sweeper()
     report = SweepReport()
+    report.expired = expire_approval_requests(now)
     _resend_queued(now, actor, report)
     _mark_lost(now, actor, report)
     return report

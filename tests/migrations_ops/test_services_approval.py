@@ -162,3 +162,14 @@ def test_register_puts_production_under_the_two_person_rule():
         environment="staging",
     )
     assert prod.requires_approval is True and staging.requires_approval is False
+
+
+def test_the_sweeper_expires_requests_nobody_approved(prod, settings):
+    settings.OPERATION_APPROVAL_TTL = 60
+    operation = request_unlock(in_group(ON_CALL, "oncall"), prod)
+    assert services.sweep_operations().expired == []
+    report = services.sweep_operations(now=timezone.now() + dt.timedelta(minutes=2))
+    assert report.expired == [operation.pk]
+    assert f"operation #{operation.pk}: not approved within 60 s, expired" in report.lines()
+    operation.refresh_from_db()
+    assert operation.status == OperationStatus.CANCELLED
