@@ -533,7 +533,7 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
     operation = Operation.objects.select_related("target").get(pk=operation_id)
     log = [_log_line(f"claimed by {worker or 'in-process'}")]
     try:
-        with _heartbeat(operation_id):
+        with _heartbeat(operation_id, operation.log, log):
             result = RUNNERS[operation.kind](operation, log)
     except SoftTimeLimitExceeded:
         return _finish(operation, log, OperationStatus.FAILED, error=_time_limit_error(operation))
@@ -551,15 +551,16 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
 
 
 @contextlib.contextmanager
-def _heartbeat(operation_id: int):
+def _heartbeat(operation_id: int, claimed_log: str, log: list[str]):
     """While the body runs, refresh the operation's ``heartbeat_at`` every
     OPERATION_HEARTBEAT_SECONDS from a thread of its own, with its own connection to the
     console's database (closed when it stops): a worker that dies stops beating, which is how
-    the sweeper tells it from one still at work."""
+    the sweeper tells it from one still at work. Each beat also writes the log so far, so the
+    operation's page shows it grow."""
     stop = threading.Event()
     thread = threading.Thread(
         target=_beat,
-        args=(operation_id, stop, settings.OPERATION_HEARTBEAT_SECONDS),
+        args=(operation_id, stop, settings.OPERATION_HEARTBEAT_SECONDS, claimed_log, log),
         name=f"heartbeat-operation-{operation_id}",
         daemon=True,
     )
@@ -571,7 +572,9 @@ def _heartbeat(operation_id: int):
         thread.join()
 
 
-def _beat(operation_id: int, stop: threading.Event, interval: float) -> None:
+def _beat(
+    operation_id: int, stop: threading.Event, interval: float, claimed_log: str, log: list[str]
+) -> None:
     try:
         while not stop.wait(interval):
             try:
@@ -586,7 +589,7 @@ def _beat(operation_id: int, stop: threading.Event, interval: float) -> None:
                     )
                     if status == OperationStatus.RUNNING:
                         Operation.objects.filter(pk=operation_id).update(
-                            heartbeat_at=timezone.now()
+                            heartbeat_at=timezone.now(), log=claimed_log + "".join(list(log))
                         )
             except Exception as error:  # the console's database away for a moment: next beat
                 logger.warning("operation %s: heartbeat not recorded: %s", operation_id, error)
@@ -637,6 +640,7 @@ def _finish(
 ) -> Operation:
     finished_at = timezone.now()
     log.append(_log_line(f"{status}{': ' + error if error else ''}"))
+    claimed_log = operation.log  # as claimed: the heartbeat may have written part of ``log``
     with transaction.atomic():
         # With its target (record_audit_event reads it); only the operation row is locked.
         operation = (
@@ -648,7 +652,7 @@ def _finish(
         operation.finished_at = finished_at
         operation.result = result or {}
         operation.error = error
-        operation.log += "".join(log)
+        operation.log = claimed_log + "".join(log)
         operation.save(update_fields=["status", "finished_at", "result", "error", "log"])
         record_audit_event(
             Actor.worker(operation.worker),

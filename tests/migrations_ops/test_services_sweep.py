@@ -303,21 +303,21 @@ def test_an_operation_sent_three_times_runs_its_sql_once(
 
 # --- the heartbeat -------------------------------------------------------------------------------
 @pytest.mark.django_db(transaction=True)
-def test_the_heartbeat_advances_while_an_operation_runs_and_stops_after(
+def test_the_heartbeat_advances_and_writes_the_log_while_an_operation_runs(
     pg_target, tmp_path, settings
 ):
     settings.OPERATION_HEARTBEAT_SECONDS = 0.1
     target = rollback_target(pg_target, tmp_path, down_first="SELECT pg_sleep(1);")
-    seen, done = [], threading.Event()
+    seen, logs, done = [], [], threading.Event()
 
     def watch():
         try:
             while not done.is_set():
-                seen.extend(
-                    Operation.objects.filter(status=OperationStatus.RUNNING).values_list(
-                        "heartbeat_at", flat=True
-                    )
-                )
+                for beat, log in Operation.objects.filter(
+                    status=OperationStatus.RUNNING
+                ).values_list("heartbeat_at", "log"):
+                    seen.append(beat)
+                    logs.append(log)
                 time.sleep(0.05)
         finally:
             console_connection.close()
@@ -341,6 +341,11 @@ def test_the_heartbeat_advances_while_an_operation_runs_and_stops_after(
     assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-operation-")]
     time.sleep(0.3)
     assert Operation.objects.get(pk=operation.pk).heartbeat_at == operation.heartbeat_at
+    # The page showed the log growing while it ran, and the final log has each line once.
+    assert any("took the migration lock" in log for log in logs)
+    assert not any("succeeded" in log for log in logs)
+    assert operation.log.count("took the migration lock") == 1
+    assert operation.log.count("requested by") == 1
 
 
 # --- what the sweeper leaves alone, and what it says ----------------------------------------------
