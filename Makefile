@@ -41,6 +41,7 @@ check-deploy: install  ## Django's deployment checks under production settings
 bench: install  ## benchmarks under bench/ (need PostgreSQL and Redis)
 	$(BIN)/python bench/force_unlock.py
 	$(BIN)/python bench/rollback_overhead.py
+	$(BIN)/python bench/admin_scale.py
 
 clean:
 	rm -rf $(VENV) data staticfiles

@@ -47,7 +47,7 @@ ROUNDS = 3  # blocks of requests per case and size, alternating between the size
 DEEP_PAGE = 500
 YEARS = 3
 
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+USERS = [f"oncall-{n}" for n in range(1, 7)] + ["commander-1", "commander-2"]
 APPS = [
     "orders",
     "billing",
@@ -379,14 +379,14 @@ def cases(world: World, n: int, per_page: int) -> list[Case]:
         Case("operation", "status=failed", "status__exact=failed"),
         Case("operation", "door=cli + target", f"door__exact=cli&target__id__exact={quiet_id}"),
         Case("operation", f"year {year}", f"requested={year}"),
-        Case("operation", "search user 'carol'", "q=carol"),
+        Case("operation", "search user 'oncall-3'", "q=oncall-3"),
         Case("operation", f"search target '{busy.split('-')[0]}'", f"q={busy.split('-')[0]}"),
         Case("auditevent", "first page", ""),
         Case("auditevent", f"deep page (p={deep})", f"p={deep}"),
         Case("auditevent", "door=cli + target", f"door__exact=cli&target={quiet}"),
         Case("auditevent", "action=operation.failed", "action=operation.failed"),
         Case("auditevent", f"year {year}", f"created={year}"),
-        Case("auditevent", "search actor 'carol'", "q=carol"),
+        Case("auditevent", "search actor 'oncall-3'", "q=oncall-3"),
         Case("auditevent", f"search target '{quiet.split('-')[0]}'", f"q={quiet.split('-')[0]}"),
     ]
 
