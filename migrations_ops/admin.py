@@ -24,6 +24,7 @@ from migrations_ops.admin_operations import (
 from migrations_ops.forms import ForceUnlockForm, TargetForm
 from migrations_ops.large_tables import LargeTableAdminMixin, period_filter, values_filter
 from migrations_ops.models import (
+    TARGET_SETTINGS,
     AuditEvent,
     Door,
     LockState,
@@ -65,17 +66,7 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
     ]
 
     def get_fields(self, request, obj=None):
-        fields = [
-            "name",
-            "environment",
-            "convention",
-            "connection_url",
-            "schema",
-            "lock_timeout_seconds",
-            "max_retries",
-            "statement_timeout_seconds",
-            "requires_approval",
-        ]
+        fields = list(TARGET_SETTINGS)
         if obj is not None:
             fields[3:3] = ["masked_url"]
             fields += ["lock_column", "created_at", "updated_at"]

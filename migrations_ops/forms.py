@@ -1,6 +1,6 @@
 from django import forms
 
-from migrations_ops.models import Environment, Target
+from migrations_ops.models import TARGET_SETTINGS, Environment, Target
 
 
 class TargetForm(forms.ModelForm):
@@ -17,17 +17,7 @@ class TargetForm(forms.ModelForm):
 
     class Meta:
         model = Target
-        fields = [
-            "name",
-            "environment",
-            "convention",
-            "connection_url",
-            "schema",
-            "lock_timeout_seconds",
-            "max_retries",
-            "statement_timeout_seconds",
-            "requires_approval",
-        ]
+        fields = TARGET_SETTINGS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -112,6 +112,20 @@ class Target(models.Model):
             raise ValidationError({"schema": "A schema can only be set for PostgreSQL targets."})
 
 
+# What a person sets on a target: the admin form, its audit record and registration use these.
+TARGET_SETTINGS = [
+    "name",
+    "environment",
+    "convention",
+    "connection_url",
+    "schema",
+    "lock_timeout_seconds",
+    "max_retries",
+    "statement_timeout_seconds",
+    "requires_approval",
+]
+
+
 class LockState(models.TextChoices):
     UNKNOWN = "unknown", "Unknown"
     FREE = "free", "Free"

@@ -26,6 +26,7 @@ from migrations_ops import engine
 from migrations_ops.actors import Actor
 from migrations_ops.models import (
     ACTIVE_STATUSES,
+    TARGET_SETTINGS,
     AuditEvent,
     Environment,
     LockObservation,
@@ -153,20 +154,7 @@ def register_target(
         target.full_clean()
     except ValidationError as error:
         raise ServiceError(_validation_message(error)) from None
-    return save_target(actor=actor, target=target, changed_fields=TARGET_FIELDS)
-
-
-TARGET_FIELDS = [
-    "name",
-    "environment",
-    "convention",
-    "connection_url",
-    "schema",
-    "lock_timeout_seconds",
-    "max_retries",
-    "statement_timeout_seconds",
-    "requires_approval",
-]
+    return save_target(actor=actor, target=target, changed_fields=TARGET_SETTINGS)
 
 
 def save_target(*, actor: Actor, target: Target, changed_fields: list[str]) -> Target:
@@ -177,7 +165,7 @@ def save_target(*, actor: Actor, target: Target, changed_fields: list[str]) -> T
     details = {
         field: (target.masked_url if field == "connection_url" else getattr(target, field))
         for field in changed_fields
-        if field in TARGET_FIELDS
+        if field in TARGET_SETTINGS
     }
     with transaction.atomic():
         target.save()
@@ -1239,12 +1227,7 @@ def _run_apply(operation: Operation, log: list[str]) -> dict:
                 f"{', '.join(s.filename for s in chosen) or 'nothing'}; look again and re-request"
             )
         steps = [engine.Step("up", script, script.filename) for script in chosen]
-        report = engine.run_migrations(
-            connection, convention, steps, _run_settings(operation), _logger(log)
-        )
-        # read_applied has checked the tables on this connection
-        observe_lock(target, convention.read_lock(connection, check_tables=False))
-    return report.as_dict()
+        return _run_steps(operation, convention, connection, steps, log)
 
 
 def _run_rollback(operation: Operation, log: list[str]) -> dict:
@@ -1268,11 +1251,15 @@ def _run_rollback(operation: Operation, log: list[str]) -> dict:
                 f"{params['book_name']}); look again and re-request"
             )
         steps = [engine.Step("down", script, entry.name)]
-        report = engine.run_migrations(
-            connection, convention, steps, _run_settings(operation), _logger(log)
-        )
-        # read_applied has checked the tables on this connection
-        observe_lock(target, convention.read_lock(connection, check_tables=False))
+        return _run_steps(operation, convention, connection, steps, log)
+
+
+def _run_steps(operation: Operation, convention, connection, steps, log: list[str]) -> dict:
+    report = engine.run_migrations(
+        connection, convention, steps, _run_settings(operation), _logger(log)
+    )
+    # read_applied has checked the tables on this connection
+    observe_lock(operation.target, convention.read_lock(connection, check_tables=False))
     return report.as_dict()
 
 

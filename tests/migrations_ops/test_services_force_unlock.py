@@ -16,6 +16,7 @@ from migrations_ops.models import (
     Operation,
     OperationStatus,
 )
+from tests.broker import broker_down
 from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -243,28 +244,8 @@ def test_one_operation_per_target_at_a_time(pg_target, engineer):
 
 @pytest.fixture
 def unreachable_broker():
-    """Point the Celery app at a Redis port where nothing listens (a real refused connection)."""
-    from opsconsole.celery import app
-
-    keys = ["task_always_eager", "broker_url", "task_publish_retry", "broker_connection_retry"]
-    saved = {key: app.conf[key] for key in keys}
-    app.conf.update(
-        task_always_eager=False,
-        broker_url="redis://127.0.0.1:1/0",
-        task_publish_retry=False,
-        broker_connection_retry=False,
-    )
-    reset_broker_connections(app)
-    yield
-    app.conf.update(saved)
-    reset_broker_connections(app)
-
-
-def reset_broker_connections(app):
-    """Forget the app's pools so the next send dials ``broker_url``. They are not closed: kombu
-    shares them process-wide, keyed by URL, and the good one is wanted again afterwards."""
-    app._pool = None
-    app.amqp._producer_pool = None
+    with broker_down():
+        yield
 
 
 def test_broker_down_keeps_the_operation_queued(pg_target, engineer, unreachable_broker):

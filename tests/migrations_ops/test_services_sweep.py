@@ -23,6 +23,7 @@ from django.utils import timezone
 from migrations_ops import engine, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent, Operation, OperationKind, OperationStatus
+from tests.broker import broker_down
 from tests.factories import TargetFactory
 from tests.scripts_folder import EMAIL, USERS, apply_directly, write_folder
 from tests.targets import new_sqlite_target
@@ -108,33 +109,6 @@ def sessions_sleeping(target_db) -> int:
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND state = 'active' AND query LIKE 'SELECT pg_sleep(30)%%'"
     )[0][0]
-
-
-@contextlib.contextmanager
-def broker_down():
-    """Point the Celery app at a Redis port where nothing listens (a real refused connection)."""
-    from opsconsole.celery import app
-
-    keys = ["task_always_eager", "broker_url", "task_publish_retry", "broker_connection_retry"]
-    saved = {key: app.conf[key] for key in keys}
-    app.conf.update(
-        task_always_eager=False,
-        broker_url="redis://127.0.0.1:1/0",
-        task_publish_retry=False,
-        broker_connection_retry=False,
-    )
-    forget_broker_pools(app)
-    try:
-        yield
-    finally:
-        app.conf.update(saved)
-        forget_broker_pools(app)
-
-
-def forget_broker_pools(app):
-    """The next send dials ``broker_url`` (the pools are shared process-wide: not closed)."""
-    app._pool = None
-    app.amqp._producer_pool = None
 
 
 @pytest.fixture
