@@ -86,48 +86,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configure_environment(console_db_url: str) -> None:
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
-            "DATABASE_URL": console_db_url,
-            # No broker: nothing here sends a task.
-            "REDIS_URL": "",
-            "DEBUG": "false",
-            "ALLOWED_HOSTS": "testserver",
-            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-        }
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     databases = {
         args.small_rows: f"opsconsole_bench_admin_{os.getpid()}_small",
         args.rows: f"opsconsole_bench_admin_{os.getpid()}_large",
     }
-    created: list[str] = []
-    try:
-        with harness.sigterm_as_keyboard_interrupt():
-            for name in databases.values():
-                url = harness.create_pg_database(name)
-                created.append(name)
-            configure_environment(url)
-            met = run(args, databases)
-            return 1 if args.check and not met else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        if "django" in sys.modules:
-            from django.db import connections
 
-            connections.close_all()
-        for name in created:
-            try:
-                harness.drop_pg_database(name)
-            except psycopg.Error as error:
-                print(f"could not drop database {name}: {error}", file=sys.stderr)
+    def bench(*urls: str) -> bool:
+        # No broker: nothing here sends a task. run() switches between the databases.
+        harness.configure_console(urls[-1], ALLOWED_HOSTS="testserver")
+        return run(args, databases)
+
+    return harness.run_with_databases(list(databases.values()), bench, check=args.check)
 
 
 # --- seeding -----------------------------------------------------------------------------------

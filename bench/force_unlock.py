@@ -24,6 +24,7 @@ end-to-end time goes (see bench/phases.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -45,9 +46,10 @@ TARGET_P99_MS = 50.0
 RUN_TIMEOUT = 30.0  # seconds a run may take before the bench gives up
 REDIS_DB = 14
 
-RUNBOOK_BOOKS = [
-    "CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMPTZ)",
-    "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY, locked_by TEXT, locked_at TIMESTAMPTZ)",
+WIDTH = 68  # of the label column
+
+TARGET_SQL = [
+    *harness.RUNBOOK_BOOKS,
     "INSERT INTO migrations (filename, applied_at) VALUES "
     "('001_create_users.sql', now() - interval '2 days'), "
     "('002_add_email.sql', now() - interval '1 day')",
@@ -92,68 +94,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configure_environment(console_db_url: str, redis_url: str, queue: str) -> dict[str, str]:
-    """What the console reads from the environment; set before ``django.setup()`` here, and
-    passed on to the worker."""
-    env = {
-        "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
-        "DATABASE_URL": console_db_url,
-        "REDIS_URL": redis_url,
-        "CELERY_QUEUE": queue,
-        "CELERY_TASK_ALWAYS_EAGER": "false",
-        # As deployed: no DEBUG query log growing in either process.
-        "DEBUG": "false",
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-    }
-    os.environ.update(env)
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suffix = os.getpid()
-    console_db = f"opsconsole_bench_{suffix}"
-    target_db = f"opsconsole_bench_target_{suffix}"
     queue = f"opsconsole-bench-{suffix}"
     redis_url = f"{harness.REDIS_SERVER}/{REDIS_DB}"
     workdir = Path(tempfile.mkdtemp(prefix="opsconsole-bench-"))
-    created: list[str] = []
-    finished = False
+
+    def bench(console_url: str, target_url: str) -> bool:
+        env = harness.configure_console(console_url, redis_url=redis_url, queue=queue)
+        return run(args, env, target_url, queue, workdir)
+
+    status = None
     try:
-        with harness.sigterm_as_keyboard_interrupt():
-            console_url = harness.create_pg_database(console_db)
-            created.append(console_db)
-            target_url = harness.create_pg_database(target_db)
-            created.append(target_db)
-            env = configure_environment(console_url, redis_url, queue)
-            met = run(args, env, target_url, queue, workdir)
-            finished = True
-            return 1 if args.check and not met else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
+        status = harness.run_with_databases(
+            [f"opsconsole_bench_{suffix}", f"opsconsole_bench_target_{suffix}"],
+            bench,
+            check=args.check,
+            redis_url=redis_url,
+            queue=queue,
+        )
+        return status
     finally:
-        cleanup(created, redis_url, queue)
-        if finished:
+        if status is not None and status != harness.INTERRUPTED:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"(the worker's log is kept in {workdir})", file=sys.stderr)
-
-
-def cleanup(databases: list[str], redis_url: str, queue: str) -> None:
-    if "django" in sys.modules:
-        from django.db import connections
-
-        connections.close_all()
-    for name in databases:
-        try:
-            harness.drop_pg_database(name)
-        except psycopg.Error as error:
-            print(f"could not drop database {name}: {error}", file=sys.stderr)
-    try:
-        harness.delete_queue_keys(redis_url, queue)
-    except Exception as error:  # the Redis client raises many kinds
-        print(f"could not remove Redis queue {queue}: {error}", file=sys.stderr)
 
 
 def run(
@@ -161,28 +127,7 @@ def run(
 ) -> bool:
     """Set up the console and the worker, time the runs, print the figures; True when the
     target was met."""
-    import django
-
-    django.setup()
-
-    from django.core.management import call_command
-
-    from migrations_ops import services
-    from migrations_ops.actors import Actor
-
-    call_command("migrate", verbosity=0, interactive=False)
-    with psycopg.connect(target_url, autocommit=True) as conn:
-        for statement in RUNBOOK_BOOKS:
-            conn.execute(statement)
-    operator = Actor.shell_operator()
-    target = services.register_target(
-        actor=operator,
-        name="bench-target",
-        url=target_url,
-        convention="runbook",
-        environment="staging",
-        lock_timeout_seconds=60,
-    )
+    services, operator, target = harness.set_up_console(target_url, "bench-target", TARGET_SQL)
 
     recorder = None
     worker_env = dict(env)
@@ -334,17 +279,8 @@ class ForceUnlockBench:
 
 
 # --- output ------------------------------------------------------------------------------------
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f}"
-
-
-def row(label: str, values: list[float]) -> str:
-    s = harness.summary(values)
-    return f"{label:<68}{ms(s['p50'])}{ms(s['p90'])}{ms(s['p99'])}{ms(s['max'])}"
-
-
-def header(title: str) -> str:
-    return f"{title:<68}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}   (ms)"
+row = functools.partial(harness.row, width=WIDTH)
+header = functools.partial(harness.header, width=WIDTH)
 
 
 def meets_target(gone: list[float]) -> bool:
@@ -362,10 +298,7 @@ def report(args, end_to_end: list[dict], bare: list[float], load_before: float) 
         f"Celery solo worker on Redis{', phase stamps on' if args.phases else ''}"
     )
     print(f"poll: every {args.poll_interval_ms:g} ms on a kept autocommit connection")
-    print(
-        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before the runs, "
-        f"{os.getloadavg()[0]:.2f} after (other work on the machine skews the figures)"
-    )
+    print(harness.machine_line(load_before, os.getloadavg()[0], "runs"))
     print(
         f"settings: TARGET_KEEP_CONNECTIONS={settings.TARGET_KEEP_CONNECTIONS}, "
         f"console CONN_MAX_AGE={settings.DATABASES['default']['CONN_MAX_AGE']}, "
@@ -409,7 +342,7 @@ def report_phases(phase_runs: list[tuple]) -> None:
     for position, label in enumerate(chain_labels):
         values = [run[0][position][1] for run in phase_runs]
         mean = statistics.fmean(values)
-        print(f"{row(label, values)}{ms(mean)}  {mean / total:5.1%}")
+        print(f"{row(label, values)}{harness.ms(mean)}  {mean / total:5.1%}")
     print(header("after the lock is gone (not in end to end)"))
     for position, label in enumerate(after_labels):
         print(row(label, [run[1][position][1] for run in phase_runs]))

@@ -1,6 +1,7 @@
-"""What the benchmarks under bench/ share: scratch PostgreSQL databases, a real Celery worker
-process, Redis clean-up and percentiles. Imports nothing from tests/ and nothing from Django, so
-it can be used before ``django.setup()``."""
+"""What the benchmarks under bench/ share: scratch PostgreSQL databases and their clean-up, the
+console's environment and set-up, a real Celery worker process, Redis, percentiles and their
+table rows. Imports nothing from tests/, and Django only inside the functions that set it up or
+close its connections, so it can be used before ``django.setup()``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -20,6 +21,7 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
 REDIS_SERVER = os.environ.get("BENCH_REDIS_SERVER", "redis://127.0.0.1:6379")
+INTERRUPTED = 130  # the exit status after Ctrl-C or SIGTERM
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -39,17 +41,133 @@ def drop_pg_database(name: str) -> None:
         conn.execute(DROP_DATABASE.format(sql.Identifier(name)))
 
 
+def run_with_databases(
+    names: Sequence[str],
+    body: Callable[..., bool],
+    *,
+    check: bool,
+    redis_url: str | None = None,
+    queue: str | None = None,
+) -> int:
+    """Create the databases ``names`` empty, call ``body`` with their URLs (it returns whether
+    the target was met) and clean up afterwards, also on errors, Ctrl-C and SIGTERM (see
+    ``clean_up``). Returns the exit status: 1 when ``check`` and the target was missed,
+    ``INTERRUPTED`` after Ctrl-C or SIGTERM, else 0."""
+    created: list[str] = []
+    try:
+        with sigterm_as_keyboard_interrupt():
+            urls = []
+            for name in names:
+                urls.append(create_pg_database(name))
+                created.append(name)
+            met = body(*urls)
+            return 1 if check and not met else 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        clean_up(created, redis_url, queue)
+
+
+def clean_up(databases: Sequence[str], redis_url: str | None, queue: str | None) -> None:
+    """Close this process's connections (the console's kept target connections, Django's),
+    drop ``databases`` and remove the Redis ``queue``; what fails is reported, not raised."""
+    services = sys.modules.get("migrations_ops.services")
+    if services is not None:
+        services._kept_target_connections.clear()
+    if "django" in sys.modules:
+        from django.db import connections
+
+        connections.close_all()
+    for name in databases:
+        try:
+            drop_pg_database(name)
+        except psycopg.Error as error:
+            print(f"could not drop database {name}: {error}", file=sys.stderr)
+    if redis_url is not None and queue is not None:
+        try:
+            delete_queue_keys(redis_url, queue)
+        except Exception as error:  # the Redis client raises many kinds
+            print(f"could not remove Redis queue {queue}: {error}", file=sys.stderr)
+
+
+# --- the console -------------------------------------------------------------------------------
+# The runbook convention's books, as a runbook-convention target database has them.
+RUNBOOK_BOOKS = [
+    "CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMPTZ)",
+    "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY, locked_by TEXT, locked_at TIMESTAMPTZ)",
+]
+
+
+def configure_console(
+    database_url: str, *, redis_url: str = "", queue: str | None = None, **extra: str
+) -> dict[str, str]:
+    """Put what the console reads into this process's environment (before ``django.setup()``)
+    and return it, to pass on to a worker: configured as deployed (DEBUG off). With a ``queue``,
+    tasks go to it on the broker at ``redis_url`` and nothing runs them in-process; without a
+    ``redis_url``, no broker. ``extra`` adds or overrides variables."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        # As deployed: no DEBUG query log growing in any process.
+        "DEBUG": "false",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+    }
+    if queue is not None:
+        env |= {"CELERY_QUEUE": queue, "CELERY_TASK_ALWAYS_EAGER": "false"}
+    env |= extra
+    os.environ.update(env)
+    return env
+
+
+def set_up_console(target_url: str, target_name: str, target_sql: Sequence[str]) -> tuple:
+    """``django.setup()``, ``migrate`` the console database, run ``target_sql`` on the target
+    database and register it as a staging Target of the runbook convention. Returns
+    ``(services, operator, target)``: the services module, the shell operator and the Target."""
+    import django
+
+    django.setup()
+
+    from django.core.management import call_command
+
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+
+    call_command("migrate", verbosity=0, interactive=False)
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        for statement in target_sql:
+            conn.execute(statement)
+    operator = Actor.shell_operator()
+    target = services.register_target(
+        actor=operator,
+        name=target_name,
+        url=target_url,
+        convention="runbook",
+        environment="staging",
+        lock_timeout_seconds=60,
+    )
+    return services, operator, target
+
+
 # --- Redis -------------------------------------------------------------------------------------
-def delete_queue_keys(redis_url: str, queue: str) -> None:
-    """Remove what kombu keeps in Redis for one queue (the list and its binding sets). The
-    shared ``_kombu.binding_deadlines`` set expires its members by itself."""
+@contextlib.contextmanager
+def redis_client(redis_url: str) -> Iterator:
+    """A Redis client for ``redis_url``, closed afterwards."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
-        client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        yield client
     finally:
         client.close()
+
+
+def delete_queue_keys(redis_url: str, queue: str) -> None:
+    """Remove what kombu keeps in Redis for one queue (the list and its binding sets). The
+    shared ``_kombu.binding_deadlines`` set expires its members by itself."""
+    with redis_client(redis_url) as client:
+        client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 # --- the Celery worker -------------------------------------------------------------------------
@@ -148,3 +266,27 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "p99": percentile(values, 0.99),
         "max": max(values),
     }
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+def header(title: str, width: int) -> str:
+    """The head of a table of ``row``s, ``title`` in a column ``width`` wide."""
+    return f"{title:<{width}}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}   (ms)"
+
+
+def row(label: str, values: Sequence[float], width: int) -> str:
+    """``label`` in a column ``width`` wide, then p50, p90, p99 and max of ``values`` (seconds)
+    in milliseconds."""
+    s = summary(values)
+    return f"{label:<{width}}{ms(s['p50'])}{ms(s['p90'])}{ms(s['p99'])}{ms(s['max'])}"
+
+
+def machine_line(load_before: float, load_after: float, runs: str) -> str:
+    """The machine's CPUs and its load before and after the timed ``runs`` ("runs", "rounds")."""
+    return (
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before the "
+        f"{runs}, {load_after:.2f} after (other work on the machine skews the figures)"
+    )

@@ -83,9 +83,8 @@ CREATE INDEX orders_customer_idx ON orders (customer_id);
 -- migrate:down
 DROP INDEX orders_customer_idx;
 """
-TARGET_TABLES = [
-    "CREATE TABLE migrations (filename TEXT PRIMARY KEY, applied_at TIMESTAMPTZ)",
-    "CREATE TABLE migration_lock (id INTEGER PRIMARY KEY, locked_by TEXT, locked_at TIMESTAMPTZ)",
+TARGET_SQL = [
+    *harness.RUNBOOK_BOOKS,
     "CREATE TABLE orders (id int, customer_id int)",
     "INSERT INTO orders SELECT g, g % 100 FROM generate_series(1, 1000) AS g",
 ]
@@ -124,64 +123,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configure_environment(console_db_url: str, redis_url: str, queue: str) -> None:
-    """What the console reads from the environment, set before ``django.setup()``."""
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
-            "DATABASE_URL": console_db_url,
-            "REDIS_URL": redis_url,
-            "CELERY_QUEUE": queue,
-            # As deployed: on_commit publishes to the broker; nothing runs in-process.
-            "CELERY_TASK_ALWAYS_EAGER": "false",
-            "DEBUG": "false",
-            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-        }
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suffix = os.getpid()
-    console_db = f"opsconsole_bench_rollback_{suffix}"
-    target_db = f"opsconsole_bench_rollback_target_{suffix}"
     queue = f"opsconsole-bench-rollback-{suffix}"
     redis_url = f"{harness.REDIS_SERVER}/{REDIS_DB}"
     workdir = Path(tempfile.mkdtemp(prefix="opsconsole-bench-rollback-"))
-    created: list[str] = []
+
+    def bench(console_url: str, target_url: str) -> bool:
+        harness.configure_console(console_url, redis_url=redis_url, queue=queue)
+        return run(args, target_url, redis_url, queue, workdir)
+
     try:
-        with harness.sigterm_as_keyboard_interrupt():
-            console_url = harness.create_pg_database(console_db)
-            created.append(console_db)
-            target_url = harness.create_pg_database(target_db)
-            created.append(target_db)
-            configure_environment(console_url, redis_url, queue)
-            met = run(args, target_url, redis_url, queue, workdir)
-            return 1 if args.check and not met else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
+        return harness.run_with_databases(
+            [f"opsconsole_bench_rollback_{suffix}", f"opsconsole_bench_rollback_target_{suffix}"],
+            bench,
+            check=args.check,
+            redis_url=redis_url,
+            queue=queue,
+        )
     finally:
-        cleanup(created, redis_url, queue)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def cleanup(databases: list[str], redis_url: str, queue: str) -> None:
-    if "migrations_ops.services" in sys.modules:
-        sys.modules["migrations_ops.services"]._kept_target_connections.clear()
-    if "django" in sys.modules:
-        from django.db import connections
-
-        connections.close_all()
-    for name in databases:
-        try:
-            harness.drop_pg_database(name)
-        except psycopg.Error as error:
-            print(f"could not drop database {name}: {error}", file=sys.stderr)
-    try:
-        harness.delete_queue_keys(redis_url, queue)
-    except Exception as error:  # the Redis client raises many kinds
-        print(f"could not remove Redis queue {queue}: {error}", file=sys.stderr)
 
 
 def run(
@@ -189,27 +151,8 @@ def run(
 ) -> bool:
     """Set up the console and the target, time the rounds, print the figures; True when the
     target was met."""
-    import django
-
-    django.setup()
-
-    from django.core.management import call_command
-
-    from migrations_ops import services
-    from migrations_ops.actors import Actor
-
-    call_command("migrate", verbosity=0, interactive=False)
-    with psycopg.connect(target_url, autocommit=True) as conn:
-        for statement in TARGET_TABLES:
-            conn.execute(statement)
-    operator = Actor.shell_operator()
-    target = services.register_target(
-        actor=operator,
-        name="bench-rollback-target",
-        url=target_url,
-        convention="runbook",
-        environment="staging",
-        lock_timeout_seconds=60,
+    services, operator, target = harness.set_up_console(
+        target_url, "bench-rollback-target", TARGET_SQL
     )
     folder = workdir / "migrations"
     folder.mkdir()
@@ -269,13 +212,8 @@ def full_collections() -> int:
 
 
 def queued_messages(redis_url: str, queue: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
+    with harness.redis_client(redis_url) as client:
         return int(client.llen(queue))
-    finally:
-        client.close()
 
 
 class RollbackBench:
@@ -479,17 +417,8 @@ class PhaseTimer:
 
 
 # --- output ------------------------------------------------------------------------------------
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.2f}"
-
-
-def row(label: str, values: list[float], width: int = 56) -> str:
-    s = harness.summary(values)
-    return f"{label:<{width}}{ms(s['p50'])}{ms(s['p90'])}{ms(s['p99'])}{ms(s['max'])}"
-
-
-def header(title: str, width: int = 56) -> str:
-    return f"{title:<{width}}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}   (ms)"
+row = functools.partial(harness.row, width=56)
+header = functools.partial(harness.header, width=56)
 
 
 def report(
@@ -508,10 +437,7 @@ def report(
         f"rollback of {MIGRATION_FILE} (DROP INDEX + book entry), {args.rounds} rounds of each "
         f"(+{args.warmup} warm-up), alternating, PostgreSQL target on this machine"
     )
-    print(
-        f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.2f} before the rounds, "
-        f"{load_after:.2f} after (other work on the machine skews the figures)"
-    )
+    print(harness.machine_line(load_before, load_after, "rounds"))
     print(
         f"settings: TARGET_KEEP_CONNECTIONS={settings.TARGET_KEEP_CONNECTIONS}, "
         f"console CONN_MAX_AGE={settings.DATABASES['default']['CONN_MAX_AGE']}, "
@@ -550,6 +476,9 @@ def report_phases(timer: PhaseTimer) -> None:
     def per_round(path):
         return [durations.get(path, 0.0) for durations, _ in timer.rounds]
 
+    def p50_and_mean(values):
+        return harness.ms(statistics.median(values)) + harness.ms(statistics.fmean(values))
+
     width = 66
     print()
     print(
@@ -561,8 +490,7 @@ def report_phases(timer: PhaseTimer) -> None:
         values = per_round(path)
         calls = sum(c.get(path, 0) for _, c in timer.rounds) / rounds
         label = "  " * (len(path) - 1) + path[-1]
-        line = f"{label:<{width}}{ms(statistics.median(values))}{ms(statistics.fmean(values))}"
-        print(f"{line}{calls:7.1f}")
+        print(f"{label:<{width}}{p50_and_mean(values)}{calls:7.1f}")
         children = [p for p in paths if len(p) == len(path) + 1 and p[:-1] == path]
         if children:
             rest = [
@@ -570,7 +498,7 @@ def report_phases(timer: PhaseTimer) -> None:
                 for total, (durations, _) in zip(values, timer.rounds, strict=True)
             ]
             label = "  " * len(path) + "(rest)"
-            print(f"{label:<{width}}{ms(statistics.median(rest))}{ms(statistics.fmean(rest))}")
+            print(f"{label:<{width}}{p50_and_mean(rest)}")
     for kind in ("console SQL", "target SQL"):
         counts = [
             sum(n for path, n in calls.items() if path[-1] == kind) for _, calls in timer.rounds
