@@ -24,6 +24,8 @@ ON_CALL_ACTIONS = [
 ]
 
 ADMIN_MODELS = [("migrations_ops", "target"), ("auth", "user"), ("auth", "group")]
+# The console's settings that live in its database: the sweeper's and drills' schedules.
+SETTINGS_APPS = ("django_celery_beat",)
 
 
 def role_permissions(permissions) -> dict[str, set]:
@@ -37,7 +39,10 @@ def role_permissions(permissions) -> dict[str, set]:
     managed = {
         p
         for p in permissions
-        if (p.content_type.app_label, p.content_type.model) in ADMIN_MODELS
+        if (
+            (p.content_type.app_label, p.content_type.model) in ADMIN_MODELS
+            or p.content_type.app_label in SETTINGS_APPS
+        )
         and p.codename.split("_", 1)[0] in {"add", "change", "delete", "view"}
     }
     return {

@@ -141,7 +141,7 @@ def test_roles_hold_what_the_runbook_gives_them():
     assert {"force_unlock_target", "run_migrations", "dry_run_migrations"} <= codenames(ON_CALL)
     assert "approve_operation" not in codenames(ON_CALL)
     assert "approve_operation" in codenames(INCIDENT_COMMANDER)
-    assert {"add_target", "change_user"} <= codenames("Console admin")
+    assert {"add_target", "change_user", "change_periodictask"} <= codenames("Console admin")
     assert "force_unlock_target" not in codenames("Console admin")
 
 
