@@ -380,3 +380,35 @@ class AuditEvent(models.Model):
 
     def delete(self, *args, **kwargs):
         raise AppendOnlyError("audit events are append-only")
+
+
+class AlertThresholds(models.Model):
+    """The runbook's alert thresholds the fleet view applies: one row, edited by console
+    admins; until it exists the ``ALERT_*`` settings stand."""
+
+    lock_held_seconds = models.PositiveIntegerField(
+        validators=[MinValueValidator(1)],
+        help_text="A lock held longer than this is critical (runbook: 30 s).",
+    )
+    failure_rate = models.FloatField(
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Share of the last 24 h's migrations that failed above which a target is "
+        "critical (runbook: 0.10).",
+    )
+    retry_rate = models.FloatField(
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Share that retried for the lock above which a target is a warning "
+        "(runbook: 0.50).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "alert thresholds"
+        verbose_name_plural = "alert thresholds"
+        constraints = [models.CheckConstraint(condition=Q(id=1), name="one_row_of_thresholds")]
+
+    def __str__(self) -> str:
+        return (
+            f"lock > {self.lock_held_seconds} s, failures > {self.failure_rate:.0%}, "
+            f"retries > {self.retry_rate:.0%}"
+        )

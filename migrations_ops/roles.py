@@ -23,7 +23,12 @@ ON_CALL_ACTIONS = [
     "migrations_ops.import_scripts",
 ]
 
-ADMIN_MODELS = [("migrations_ops", "target"), ("auth", "user"), ("auth", "group")]
+ADMIN_MODELS = [
+    ("migrations_ops", "target"),
+    ("migrations_ops", "alertthresholds"),
+    ("auth", "user"),
+    ("auth", "group"),
+]
 # The console's settings that live in its database: the sweeper's and drills' schedules.
 SETTINGS_APPS = ("django_celery_beat",)
 

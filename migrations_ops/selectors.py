@@ -11,6 +11,7 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from migrations_ops.models import AlertThresholds as AlertThresholdsRow
 from migrations_ops.models import (
     AuditEvent,
     LockObservation,
@@ -183,6 +184,14 @@ class AlertThresholds:
             retry_rate=settings.ALERT_RETRY_RATE,
         )
 
+    @classmethod
+    def current(cls) -> AlertThresholds:
+        """As a console admin set them in the admin, else as the settings say."""
+        row = AlertThresholdsRow.objects.filter(pk=1).first()
+        if row is None:
+            return cls.from_settings()
+        return cls(row.lock_held_seconds, row.failure_rate, row.retry_rate)
+
     @property
     def failure_percent(self) -> str:
         return percent(self.failure_rate)
@@ -208,7 +217,7 @@ def fleet_overview(
     Open incidents are ``None`` (shown as "—") until the incidents app has incidents to count.
     """
     now = now or timezone.now()
-    thresholds = thresholds or AlertThresholds.from_settings()
+    thresholds = thresholds or AlertThresholds.current()
     since = now - FLEET_WINDOW
     newest = Operation.objects.filter(target=OuterRef("pk")).order_by("-requested_at", "-id")
     scripts = (

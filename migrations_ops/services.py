@@ -27,6 +27,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.models import (
     ACTIVE_STATUSES,
     TARGET_SETTINGS,
+    AlertThresholds,
     AuditEvent,
     Environment,
     LockObservation,
@@ -184,6 +185,24 @@ def _validation_message(error: ValidationError) -> str:
             f"{field}: {' '.join(messages)}" for field, messages in error.message_dict.items()
         )
     return " ".join(error.messages)
+
+
+def save_alert_thresholds(
+    *, actor: Actor, thresholds: AlertThresholds, changed: list[str]
+) -> AlertThresholds:
+    """The fleet view's thresholds: one row (id 1), every change on the audit trail."""
+    require_permission(
+        actor, "migrations_ops.change_alertthresholds", "change the alert thresholds"
+    )
+    thresholds.pk = 1
+    with transaction.atomic():
+        thresholds.save()
+        record_audit_event(
+            actor,
+            "thresholds.changed",
+            details={field: getattr(thresholds, field) for field in changed},
+        )
+    return thresholds
 
 
 # --- reading a target (a write to the console: every read updates the lock observation) --------

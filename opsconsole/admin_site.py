@@ -23,11 +23,12 @@ class OpsAdminSite(admin.AdminSite):
         if target_admin is None or not target_admin.has_view_permission(request):
             return None
         operation_admin = self._registry.get(Operation)
-        rows = selectors.fleet_overview()
+        thresholds = selectors.AlertThresholds.current()
+        rows = selectors.fleet_overview(thresholds=thresholds)
         observed = [row for row in rows if row["observed_at"] is not None]
         return {
             "rows": rows,
-            "thresholds": selectors.AlertThresholds.from_settings(),
+            "thresholds": thresholds,
             "window_hours": int(selectors.FLEET_WINDOW.total_seconds() // 3600),
             "oldest_observation": min(observed, key=lambda row: row["observed_at"], default=None),
             "never_observed": [row["name"] for row in rows if row["observed_at"] is None],

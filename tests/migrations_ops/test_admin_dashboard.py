@@ -301,3 +301,33 @@ def test_an_auditor_sees_the_table(client):
     state, row = fleet_row(response, "orders-prod")
     assert state == "warning"
     assert "lock state unknown: never read" in row
+
+
+def test_a_console_admin_edits_the_thresholds_and_the_view_applies_them(client, oncall):
+    """Edited in the admin (audited), applied at once; an on-call engineer may not edit them."""
+    from django.apps import apps
+
+    from migrations_ops.models import AlertThresholds, AuditEvent
+
+    roles.sync_roles(apps)
+    held = TargetFactory(name="orders")
+    observe(held, held=True, age=dt.timedelta(seconds=45), seen_ago=dt.timedelta(seconds=5))
+    assert fleet_row(oncall.get(reverse(INDEX)), "orders")[0] == "critical"  # over 30 s
+
+    add_url = reverse("admin:migrations_ops_alertthresholds_add")
+    assert oncall.get(add_url).status_code == 403
+    admin_user = UserFactory(username="console-admin")
+    admin_user.groups.add(Group.objects.get(name=roles.CONSOLE_ADMIN))
+    client.force_login(admin_user)
+    response = client.post(
+        add_url, {"lock_held_seconds": "600", "failure_rate": "0.2", "retry_rate": "0.5"}
+    )
+    assert response.status_code == 302
+    assert AlertThresholds.objects.get().lock_held_seconds == 600
+    event = AuditEvent.objects.get(action="thresholds.changed")
+    assert event.actor_name == "console-admin" and event.details["lock_held_seconds"] == 600
+    assert client.get(add_url).status_code == 403  # one row only: it is changed, not added
+
+    state, row = fleet_row(oncall.get(reverse(INDEX)), "orders")
+    assert state == "ok", row
+    assert "over 600 s" in text(body(oncall.get(reverse(INDEX))))
