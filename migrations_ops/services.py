@@ -399,54 +399,55 @@ def approve_operation(*, actor: Actor, operation: Operation, reason: str = "") -
     _refuse_own_request(actor, operation, "approve")
     _refuse_expired(operation)
     now = timezone.now()
-    with transaction.atomic():
-        decided = Operation.objects.filter(
-            pk=operation.pk, status=OperationStatus.AWAITING_APPROVAL
-        ).update(
-            status=OperationStatus.QUEUED,
-            approved_by=actor.user,
-            approved_by_name=actor.name,
-            decided_at=now,
-            decision_reason=(reason or "").strip(),
-        )
-        if not decided:
-            raise _not_awaiting(operation)
-        _append_log(operation.pk, f"approved by {actor.name} via {actor.door}")
-        record_audit_event(
-            actor,
-            "operation.approved",
-            target=operation.target,
-            operation=operation,
-            details={"requested_by": operation.requested_by_name, "reason": reason},
-        )
-        transaction.on_commit(partial(send_operation, operation.pk))
-    operation.refresh_from_db()
-    return operation
+    return _decide(
+        actor,
+        operation,
+        "approved",
+        reason,
+        status=OperationStatus.QUEUED,
+        approved_by=actor.user,
+        approved_by_name=actor.name,
+        decided_at=now,
+        decision_reason=(reason or "").strip(),
+    )
 
 
 def reject_operation(*, actor: Actor, operation: Operation, reason: str) -> Operation:
     require_permission(actor, APPROVE_PERMISSION, "reject operations")
     reason = _require_reason(reason, "reject an operation")
+    now = timezone.now()
+    return _decide(
+        actor,
+        operation,
+        "rejected",
+        reason,
+        status=OperationStatus.CANCELLED,
+        finished_at=now,
+        decided_at=now,
+        decision_reason=reason,
+        error=f"rejected by {actor.name}: {reason}",
+    )
+
+
+def _decide(actor: Actor, operation: Operation, verb: str, reason: str, **changes) -> Operation:
+    """Apply a decision to an operation still awaiting approval (a conditional update, so two
+    deciders cannot both win); an approval sends it to the worker."""
     with transaction.atomic():
         decided = Operation.objects.filter(
             pk=operation.pk, status=OperationStatus.AWAITING_APPROVAL
-        ).update(
-            status=OperationStatus.CANCELLED,
-            finished_at=timezone.now(),
-            decided_at=timezone.now(),
-            decision_reason=reason,
-            error=f"rejected by {actor.name}: {reason}",
-        )
+        ).update(**changes)
         if not decided:
             raise _not_awaiting(operation)
-        _append_log(operation.pk, f"rejected by {actor.name}: {reason}")
+        _append_log(operation.pk, f"{verb} by {actor.name} via {actor.door}: {reason}")
         record_audit_event(
             actor,
-            "operation.rejected",
+            f"operation.{verb}",
             target=operation.target,
             operation=operation,
             details={"requested_by": operation.requested_by_name, "reason": reason},
         )
+        if changes["status"] == OperationStatus.QUEUED:
+            transaction.on_commit(partial(send_operation, operation.pk))
     operation.refresh_from_db()
     return operation
 
