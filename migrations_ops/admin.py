@@ -20,6 +20,7 @@ from migrations_ops.admin_operations import (
     error_with_link,
     make_action,
     verify_targets,
+    warn_if_broker_down,
 )
 from migrations_ops.forms import ForceUnlockForm, TargetForm
 from migrations_ops.large_tables import LargeTableAdminMixin, period_filter, values_filter
@@ -171,6 +172,7 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
                     f"Operation #{operation.pk} requested: release the lock of {target.name}.",
                     messages.SUCCESS,
                 )
+                warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
         status = services.read_target_status(target, include_applied=False)
         report = selectors.lock_report(target)

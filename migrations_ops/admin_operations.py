@@ -89,6 +89,13 @@ class TargetOperationForm(forms.Form):
             )
 
 
+def warn_if_broker_down(model_admin, request, operation) -> None:
+    operation.refresh_from_db()
+    warning = selectors.broker_down_warning(operation)
+    if warning:
+        model_admin.message_user(request, warning, messages.WARNING)
+
+
 def error_with_link(error: services.ServiceError):
     """A refusal as the page shows it: an operation in the way is a link to it."""
     if isinstance(error, services.OperationInProgress):
@@ -198,6 +205,7 @@ class TargetOperationsMixin:
                     f"{target.name} ({operation.get_status_display().lower()}).",
                     messages.SUCCESS,
                 )
+                warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
         report = selectors.lock_report(target)
         context = {

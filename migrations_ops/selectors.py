@@ -382,3 +382,17 @@ def fleet_health(
             )
     state = CRITICAL if critical else WARNING if warning else OK
     return state, critical + warning
+
+
+BROKER_DOWN_WARNING = (
+    "the task broker could not be reached: the operation stays queued and the sweeper sends it "
+    "once the broker is back"
+)
+
+
+def broker_down_warning(operation: Operation) -> str | None:
+    """Said to whoever just asked, when the task could not be handed to the broker."""
+    if operation.status != "queued":
+        return None
+    failed = AuditEvent.objects.filter(operation=operation, action="operation.send_failed")
+    return BROKER_DOWN_WARNING if failed.exists() else None

@@ -523,6 +523,14 @@ def send_operation(operation_id: int) -> bool:
     except Exception as error:  # the broker's client raises many kinds
         logger.warning("operation %s stays queued: broker unavailable: %s", operation_id, error)
         _append_log(operation_id, f"could not reach the task broker ({error}); still queued")
+        operation = Operation.objects.select_related("target").get(pk=operation_id)
+        record_audit_event(
+            Actor.worker("outbox"),
+            "operation.send_failed",
+            target=operation.target,
+            operation=operation,
+            details={"error": str(error)},
+        )
         return False
     return True
 

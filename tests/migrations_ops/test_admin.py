@@ -766,3 +766,20 @@ def test_a_large_history_shows_an_estimate_and_every_page_still_opens(
     assert last.status_code == 200
     assert re.search(r" 6 60 operations$", paginator_text(last))  # exact on the last page
     assert len(re.findall(r'class="field-id"', body(last))) == 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_user_is_told_when_the_broker_is_down(oncall, pg_target):
+    """The request is kept (outbox) and the person who asked knows it has not left yet."""
+    from tests.broker import broker_down
+
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target)
+    with broker_down():
+        response = oncall.post(confirm_url(target), {"reason": "stuck"})
+    operation = Operation.objects.get(target=target)
+    assert operation.status == OperationStatus.QUEUED
+    page = text(body(oncall.get(response["Location"])))
+    assert "The task broker could not be reached: the operation stays queued" in page
+    assert AuditEvent.objects.filter(operation=operation, action="operation.send_failed").exists()
+    assert len(pg_target.runbook_lock_rows()) == 1

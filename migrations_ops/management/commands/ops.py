@@ -327,6 +327,9 @@ class Command(BaseCommand):
             )
         deadline = time.monotonic() + seconds
         operation.refresh_from_db()
+        warning = selectors.broker_down_warning(operation)
+        if warning:
+            self.stderr.write(f"warning: {warning}")
         while not operation.is_finished and time.monotonic() < deadline:
             time.sleep(WAIT_POLL_SECONDS)
             operation.refresh_from_db()
