@@ -118,6 +118,7 @@ def force_unlock(request, name: str):
         {
             "operation": selectors.operation_report(operation),
             "url": reverse("migrations_ops_api:operation", args=[operation.pk]),
+            "warning": selectors.broker_down_warning(operation),
         },
         status=202,
     )
