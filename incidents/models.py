@@ -1,1 +1,222 @@
-"""Incidents, timelines and post-mortems live here (the app is filled in by later work)."""
+"""Incidents, their recovery objectives and their append-only timelines."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+from migrations_ops.models import Operation, Target
+
+
+class Scenario(models.TextChoices):
+    """The runbook's four rollback scenarios, and the rest."""
+
+    MIGRATION_FAILURE = "migration_failure", "Migration failure"
+    PERFORMANCE_DEGRADATION = "performance_degradation", "Performance degradation"
+    CONCURRENT_CONFLICT = "concurrent_conflict", "Concurrent migration conflict"
+    PRODUCTION_EMERGENCY = "production_emergency", "Production emergency"
+    OTHER = "other", "Other"
+
+
+class Severity(models.TextChoices):
+    SEV1 = "sev1", "SEV1"
+    SEV2 = "sev2", "SEV2"
+    SEV3 = "sev3", "SEV3"
+    SEV4 = "sev4", "SEV4"
+
+
+class IncidentStatus(models.TextChoices):
+    # In this order: an incident only ever moves forward (services.change_status).
+    DETECTED = "detected", "Detected"
+    MITIGATING = "mitigating", "Mitigating"
+    MONITORING = "monitoring", "Monitoring"
+    RESOLVED = "resolved", "Resolved"
+    POST_MORTEM = "post_mortem", "Post-mortem"
+    CLOSED = "closed", "Closed"
+
+
+STATUS_ORDER = list(IncidentStatus.values)
+# Still under way: operations on an affected target land on these incidents' timelines.
+OPEN_STATUSES = (IncidentStatus.DETECTED, IncidentStatus.MITIGATING, IncidentStatus.MONITORING)
+
+
+class EscalationLevel(models.IntegerChoices):
+    """The runbook's escalation path."""
+
+    ON_CALL = 1, "Level 1: on-call engineer (check runbook)"
+    DATABASE_TEAM = 2, "Level 2: database team (schema issues)"
+    PLATFORM_TEAM = 3, "Level 3: platform team (infrastructure issues)"
+    INCIDENT_COMMANDER = 4, "Level 4: incident commander (major outage)"
+
+
+# The incident's timestamps, in the chronological order they must keep.
+TIMESTAMPS = ("impact_started", "detected", "mitigated", "recovered")
+# Objective phase → the timestamp that ends it.
+PHASES = {"detect": "detected", "mitigate": "mitigated", "recover": "recovered"}
+
+
+class RecoveryObjective(models.Model):
+    """The runbook's Recovery Time Objectives for one scenario. Incidents copy them when they
+    open, so editing a row here changes only incidents opened afterwards."""
+
+    scenario = models.CharField(max_length=30, choices=Scenario.choices, unique=True)
+    runbook_row = models.CharField(
+        max_length=60, blank=True, help_text="The runbook table's row these come from."
+    )
+    detect_within = models.DurationField()
+    mitigate_within = models.DurationField()
+    recover_within = models.DurationField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["scenario"]
+
+    def __str__(self) -> str:
+        return f"{self.get_scenario_display()} objectives"
+
+
+class Incident(models.Model):
+    title = models.CharField(max_length=200)
+    scenario = models.CharField(max_length=30, choices=Scenario.choices)
+    severity = models.CharField(max_length=4, choices=Severity.choices)
+    status = models.CharField(
+        max_length=20, choices=IncidentStatus.choices, default=IncidentStatus.DETECTED
+    )
+    commander = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    # A copy, so the record survives a deleted user.
+    commander_name = models.CharField(max_length=150, blank=True)
+    affected_targets = models.ManyToManyField(Target, blank=True, related_name="incidents")
+    culprit_migration = models.CharField(max_length=255, blank=True)
+    escalation_level = models.PositiveSmallIntegerField(
+        choices=EscalationLevel.choices,
+        default=EscalationLevel.ON_CALL,
+        validators=[MinValueValidator(1), MaxValueValidator(4)],
+    )
+    opened_at = models.DateTimeField(default=timezone.now)
+    opened_by = models.CharField(max_length=150)
+
+    # Each with who set it and whether the console set it by itself (TIMESTAMPS).
+    impact_started_at = models.DateTimeField(null=True, blank=True)
+    impact_started_by = models.CharField(max_length=150, blank=True)
+    impact_started_auto = models.BooleanField(default=False, help_text="Set by the console itself.")
+    detected_at = models.DateTimeField(null=True, blank=True)
+    detected_by = models.CharField(max_length=150, blank=True)
+    detected_auto = models.BooleanField(default=False, help_text="Set by the console itself.")
+    mitigated_at = models.DateTimeField(null=True, blank=True)
+    mitigated_by = models.CharField(max_length=150, blank=True)
+    mitigated_auto = models.BooleanField(default=False, help_text="Set by the console itself.")
+    recovered_at = models.DateTimeField(null=True, blank=True)
+    recovered_by = models.CharField(max_length=150, blank=True)
+    recovered_auto = models.BooleanField(default=False, help_text="Set by the console itself.")
+
+    # Copied from the scenario's RecoveryObjective at opening; empty when it had none.
+    detect_objective = models.DurationField(null=True, blank=True)
+    mitigate_objective = models.DurationField(null=True, blank=True)
+    recover_objective = models.DurationField(null=True, blank=True)
+
+    # The post-mortem.
+    summary = models.TextField(blank=True)
+    impact = models.TextField(blank=True, help_text="Who and what was hit, with numbers.")
+    trigger = models.TextField(blank=True)
+    root_cause = models.TextField(blank=True)
+    contributing_factors = models.TextField(blank=True)
+    detection = models.TextField(
+        blank=True, help_text="How it was noticed, and how to notice it sooner."
+    )
+    resolution = models.TextField(blank=True)
+    went_well = models.TextField(blank=True)
+    went_wrong = models.TextField(blank=True)
+    got_lucky = models.TextField(blank=True)
+    prevention = models.TextField(blank=True, verbose_name="prevention measures")
+    process_improvements = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-opened_at", "-id"]
+        indexes = [models.Index(fields=["status", "opened_at"])]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.title}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    def objective(self, phase: str) -> dt.timedelta | None:
+        return getattr(self, f"{phase}_objective")
+
+
+class AppendOnlyError(Exception):
+    pass
+
+
+class EntryKind(models.TextChoices):
+    OPENED = "opened", "Opened"
+    STATUS = "status", "Status change"
+    TIMESTAMP = "timestamp", "Timestamp"
+    ESCALATION = "escalation", "Escalation"
+    OPERATION = "operation", "Operation"
+    NOTE = "note", "Note"
+    EDIT = "edit", "Edit"
+    CORRECTION = "correction", "Correction"
+
+
+class TimelineEntry(models.Model):
+    """One line of an incident's timeline. Append-only like migrations_ops.AuditEvent: a
+    correction is a new entry pointing at the one it corrects."""
+
+    incident = models.ForeignKey(Incident, on_delete=models.PROTECT, related_name="timeline")
+    occurred_at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=20, choices=EntryKind.choices)
+    text = models.TextField()
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_name = models.CharField(max_length=150)
+    operation = models.ForeignKey(
+        Operation,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    corrects = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="corrections",
+    )
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["occurred_at", "id"]
+        verbose_name_plural = "timeline entries"
+        indexes = [models.Index(fields=["incident", "occurred_at", "id"])]
+
+    def __str__(self) -> str:
+        return f"{self.occurred_at:%Y-%m-%d %H:%M:%S} {self.actor_name}: {self.text[:60]}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding:
+            raise AppendOnlyError("timeline entries are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("timeline entries are append-only")

@@ -374,6 +374,7 @@ def _create_operation(
                     "awaiting_approval": awaiting,
                 },
             )
+            _note_on_incidents(operation)
             if not awaiting:
                 transaction.on_commit(partial(send_operation, operation.pk))
     except IntegrityError:
@@ -677,7 +678,20 @@ def _finish(
             operation=operation,
             details={"kind": operation.kind, "error": error, "result": result or {}},
         )
+        _note_on_incidents(operation)
     return operation
+
+
+def _note_on_incidents(operation: Operation) -> None:
+    """Put the operation on the open incidents' timelines. A failure there is logged and
+    never fails or undoes the operation (the savepoint keeps the rest of the transaction)."""
+    try:
+        from incidents.services import record_operation  # incidents builds on this module
+
+        with transaction.atomic():
+            record_operation(operation)
+    except Exception:
+        logger.exception("could not note operation #%s on incident timelines", operation.pk)
 
 
 def _log_line(text: str) -> str:

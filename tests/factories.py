@@ -49,3 +49,16 @@ class TargetFactory(factory.django.DjangoModelFactory):
     )
     schema = factory.LazyAttribute(lambda o: (o.db.schema or "") if o.db else "")
     lock_timeout_seconds = 60
+
+
+class IncidentFactory(factory.django.DjangoModelFactory):
+    """An Incident row as it stands, with no timeline; ``services.open_incident`` opens one
+    the way people do."""
+
+    class Meta:
+        model = "incidents.Incident"
+
+    title = factory.Sequence(lambda n: f"incident {n}")
+    scenario = "migration_failure"
+    severity = "sev2"
+    opened_by = "tests"

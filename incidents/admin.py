@@ -1,0 +1,213 @@
+"""The admin door onto incidents: thin, every write goes through ``services``."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.contrib import admin, messages
+from django.utils.html import format_html, format_html_join
+
+from incidents import selectors, services
+from incidents.models import Incident, RecoveryObjective, TimelineEntry
+from migrations_ops.actors import Actor
+from migrations_ops.admin import ReadOnlyAdmin
+from migrations_ops.models import Door
+from migrations_ops.services import ServiceError
+
+VERDICT_COLOURS = {
+    selectors.MET: "#2e7d32",
+    selectors.PENDING: "#b26a00",
+    selectors.BREACHED: "#c62828",
+    selectors.UNKNOWN: "#666",
+}
+
+
+def minutes(value: dt.timedelta | None) -> str:
+    if value is None:
+        return "-"
+    seconds = int(value.total_seconds())
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class BreachedFilter(admin.SimpleListFilter):
+    title = "objective breached"
+    parameter_name = "breached"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Breached"), ("no", "Not breached")]
+
+    def queryset(self, request, queryset):
+        breaching = selectors.incidents_breaching().values("pk")
+        if self.value() == "yes":
+            return queryset.filter(pk__in=breaching)
+        if self.value() == "no":
+            return queryset.exclude(pk__in=breaching)
+        return queryset
+
+
+@admin.register(Incident)
+class IncidentAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "title",
+        "severity",
+        "scenario",
+        "status",
+        "escalation_level",
+        "commander_name",
+        "opened_at",
+        "objectives_column",
+    ]
+    list_display_links = ["id", "title"]
+    list_filter = ["status", "severity", "scenario", BreachedFilter]
+    search_fields = ["title", "culprit_migration", "commander_name"]
+    filter_horizontal = ["affected_targets"]
+    add_fields = [
+        "title",
+        "scenario",
+        "severity",
+        "affected_targets",
+        "culprit_migration",
+        "impact_started_at",
+    ]
+    state_fields = [
+        "scenario",
+        "status",
+        "escalation_level",
+        "commander_name",
+        "affected_targets_display",
+        "opened_at",
+        "opened_by",
+        "timestamps_display",
+        "objectives_display",
+        "timeline_display",
+    ]
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # its timeline is append-only; an incident is closed, never deleted
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return self.add_fields
+        return [*self.state_fields, *services.EDITABLE_FIELDS]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.state_fields
+
+    @admin.display(description="Objectives")
+    def objectives_column(self, obj):
+        return format_html_join(
+            " ",
+            '<span style="color:{}" title="{}">{}</span>',
+            (
+                (VERDICT_COLOURS[result.verdict], result.verdict, result.phase[0].upper())
+                for result in selectors.objective_results(obj)
+            ),
+        )
+
+    @admin.display(description="Affected targets")
+    def affected_targets_display(self, obj):
+        return ", ".join(target.name for target in obj.affected_targets.order_by("name")) or "-"
+
+    @admin.display(description="Timestamps (UTC)")
+    def timestamps_display(self, obj):
+        rows = []
+        for name in ("impact_started", "detected", "mitigated", "recovered"):
+            at = getattr(obj, f"{name}_at")
+            by = getattr(obj, f"{name}_by")
+            how = " (automatically)" if getattr(obj, f"{name}_auto") else ""
+            rows.append((services.TIMESTAMP_LABELS[name], services.utc(at), f"{by}{how}"))
+        return format_html(
+            "<table>{}</table>",
+            format_html_join("", "<tr><th>{}</th><td>{}</td><td>{}</td></tr>", rows),
+        )
+
+    @admin.display(description="Recovery objectives (copied at opening)")
+    def objectives_display(self, obj):
+        rows = (
+            (
+                result.phase,
+                minutes(result.elapsed),
+                minutes(result.objective),
+                VERDICT_COLOURS[result.verdict],
+                result.verdict,
+            )
+            for result in selectors.objective_results(obj)
+        )
+        return format_html(
+            "<table><tr><th>phase</th><th>took</th><th>objective</th><th></th></tr>{}</table>",
+            format_html_join(
+                "",
+                '<tr><td>{}</td><td>{}</td><td>{}</td><td style="color:{}">{}</td></tr>',
+                rows,
+            ),
+        )
+
+    @admin.display(description="Timeline (UTC)")
+    def timeline_display(self, obj):
+        rows = (
+            (
+                entry.pk,
+                services.utc(entry.occurred_at),
+                entry.get_kind_display(),
+                entry.actor_name,
+                entry.text,
+            )
+            for entry in selectors.timeline(obj)
+        )
+        return format_html(
+            '<table class="timeline"><tr><th>#</th><th>when</th><th>what</th><th>who</th>'
+            "<th></th></tr>{}</table>",
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                rows,
+            ),
+        )
+
+    def save_model(self, request, obj, form, change):
+        actor = Actor.for_user(request.user, Door.ADMIN)
+        if change:
+            services.update_incident(actor=actor, incident=obj, changed=form.changed_data)
+            return
+        incident = services.open_incident(
+            actor=actor,
+            title=obj.title,
+            scenario=obj.scenario,
+            severity=obj.severity,
+            targets=list(form.cleaned_data.get("affected_targets") or []),
+            culprit_migration=obj.culprit_migration,
+            impact_started_at=obj.impact_started_at,
+        )
+        # The admin goes on with the form's instance (logging, redirect): make it the new row.
+        obj.__dict__.update(incident.__dict__)
+
+    def save_related(self, request, form, formsets, change):
+        if change:
+            super().save_related(request, form, formsets, change)
+        # On add, open_incident has set the affected targets already.
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except ServiceError as error:
+            self.message_user(request, str(error), messages.ERROR)
+            return self.response_post_save_change(request, None)
+
+
+@admin.register(RecoveryObjective)
+class RecoveryObjectiveAdmin(admin.ModelAdmin):
+    """Edited by incident commanders; incidents already open keep the objectives they copied."""
+
+    list_display = ["scenario", "runbook_row", "detect_within", "mitigate_within", "recover_within"]
+    readonly_fields = ["updated_at"]
+
+
+@admin.register(TimelineEntry)
+class TimelineEntryAdmin(ReadOnlyAdmin):
+    list_display = ["occurred_at", "incident", "kind", "actor_name", "text"]
+    list_filter = ["kind"]
+    list_select_related = ["incident"]
+    raw_id_fields = ["incident", "operation", "corrects"]
+    fields = ["occurred_at", "incident", "kind", "actor_name", "text", "operation", "corrects"]
+    readonly_fields = fields

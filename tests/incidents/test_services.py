@@ -1,0 +1,210 @@
+"""Incidents through the service layer: the order of statuses and timestamps, the objectives
+copied at opening, escalation, notes and corrections."""
+
+import datetime as dt
+
+import pytest
+from django.utils import timezone
+
+from incidents import services
+from incidents.models import EntryKind, IncidentStatus, RecoveryObjective, Scenario
+from migrations_ops.actors import Actor
+from migrations_ops.models import Door
+from migrations_ops.services import InvalidRequest, PermissionDenied
+from tests.factories import TargetFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def open_one(commander, scenario=Scenario.MIGRATION_FAILURE, **kwargs):
+    return services.open_incident(
+        actor=commander, title="rollback failed", scenario=scenario, severity="sev1", **kwargs
+    )
+
+
+def kinds(incident):
+    return list(incident.timeline.order_by("id").values_list("kind", flat=True))
+
+
+def test_open_copies_the_objectives_and_starts_the_timeline(commander):
+    target = TargetFactory()
+    incident = open_one(commander, targets=[target], culprit_migration="042_add_index.sql")
+
+    assert incident.status == IncidentStatus.DETECTED
+    assert incident.commander == commander.user
+    assert incident.commander_name == "commander"
+    assert list(incident.affected_targets.all()) == [target]
+    assert incident.detected_at == incident.opened_at
+    assert (incident.detected_by, incident.detected_auto) == ("commander", True)
+    assert incident.detect_objective == dt.timedelta(minutes=1)
+    assert incident.mitigate_objective == dt.timedelta(minutes=5)
+    assert incident.recover_objective == dt.timedelta(minutes=30)
+    assert kinds(incident) == [EntryKind.OPENED]
+
+
+def test_editing_an_objective_later_changes_no_open_incident(commander):
+    incident = open_one(commander)
+    objective = RecoveryObjective.objects.get(scenario=Scenario.MIGRATION_FAILURE)
+    objective.recover_within = dt.timedelta(hours=4)
+    objective.save()
+
+    incident.refresh_from_db()
+    assert incident.recover_objective == dt.timedelta(minutes=30)
+    assert open_one(commander).recover_objective == dt.timedelta(hours=4)
+
+
+def test_other_scenario_has_no_objectives(commander):
+    incident = open_one(commander, scenario=Scenario.OTHER)
+    assert incident.detect_objective is None
+    assert incident.recover_objective is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("title", " ", "an incident needs a title"),
+        ("scenario", "meteor", "unknown scenario 'meteor'"),
+        ("severity", "sev9", "unknown severity 'sev9'"),
+    ],
+)
+def test_open_refuses_bad_input(commander, field, value, message):
+    kwargs = {"title": "t", "scenario": Scenario.OTHER, "severity": "sev2", field: value}
+    with pytest.raises(InvalidRequest, match=message):
+        services.open_incident(actor=commander, **kwargs)
+
+
+def test_open_needs_permission():
+    viewer = Actor.for_user(UserFactory(), Door.ADMIN)
+    with pytest.raises(PermissionDenied, match="not allowed to open incidents"):
+        open_one(viewer)
+
+
+def test_status_moves_forward_only(commander):
+    incident = open_one(commander)
+    incident = services.change_status(
+        actor=commander, incident=incident, status=IncidentStatus.MITIGATING
+    )
+    for status in (IncidentStatus.MITIGATING, IncidentStatus.DETECTED):
+        with pytest.raises(InvalidRequest, match="it can only move forward"):
+            services.change_status(actor=commander, incident=incident, status=status)
+    incident.refresh_from_db()
+    assert incident.status == IncidentStatus.MITIGATING
+    assert kinds(incident) == [EntryKind.OPENED, EntryKind.STATUS]
+
+
+def test_monitoring_and_resolved_set_mitigated_and_recovered_by_themselves(commander):
+    incident = open_one(commander)
+    incident = services.change_status(
+        actor=commander, incident=incident, status=IncidentStatus.MONITORING
+    )
+    assert incident.mitigated_auto is True
+    assert incident.recovered_at is None
+    mitigated_at = incident.mitigated_at
+    incident = services.change_status(
+        actor=commander, incident=incident, status=IncidentStatus.RESOLVED
+    )
+    assert incident.mitigated_at == mitigated_at  # already set: left alone
+    assert incident.recovered_at >= mitigated_at
+    assert (incident.recovered_by, incident.recovered_auto) == ("commander", True)
+    assert kinds(incident) == [
+        EntryKind.OPENED,
+        EntryKind.STATUS,
+        EntryKind.TIMESTAMP,
+        EntryKind.STATUS,
+        EntryKind.TIMESTAMP,
+    ]
+
+
+def test_unknown_status_is_refused(commander):
+    with pytest.raises(InvalidRequest, match="unknown status 'done'"):
+        services.change_status(actor=commander, incident=open_one(commander), status="done")
+
+
+def test_timestamps_must_be_in_chronological_order(commander):
+    detected = timezone.now() - dt.timedelta(minutes=10)
+    incident = services.set_timestamp(
+        actor=commander, incident=open_one(commander), name="detected", when=detected
+    )
+    with pytest.raises(InvalidRequest, match=r"impact started \(.* UTC\) cannot be after detected"):
+        services.set_timestamp(
+            actor=commander,
+            incident=incident,
+            name="impact_started",
+            when=detected + dt.timedelta(seconds=1),
+        )
+    with pytest.raises(InvalidRequest, match=r"mitigated .* cannot be before detected"):
+        services.set_timestamp(
+            actor=commander,
+            incident=incident,
+            name="mitigated",
+            when=detected - dt.timedelta(seconds=1),
+        )
+    # Equal is in order.
+    incident = services.set_timestamp(
+        actor=commander, incident=incident, name="impact_started", when=detected
+    )
+    assert (incident.impact_started_at, incident.impact_started_auto) == (detected, False)
+    assert kinds(incident) == [EntryKind.OPENED, EntryKind.TIMESTAMP, EntryKind.TIMESTAMP]
+
+
+def test_timestamps_cannot_be_in_the_future_or_naive(commander):
+    incident = open_one(commander)
+    with pytest.raises(InvalidRequest, match="recovered cannot be in the future"):
+        services.set_timestamp(
+            actor=commander,
+            incident=incident,
+            name="recovered",
+            when=timezone.now() + dt.timedelta(minutes=5),
+        )
+    with pytest.raises(InvalidRequest, match="needs a date, a time and a time zone"):
+        services.set_timestamp(
+            actor=commander, incident=incident, name="recovered", when=dt.datetime(2026, 1, 1)
+        )
+
+
+def test_correcting_a_timestamp_keeps_what_it_was_on_the_timeline(commander):
+    incident = open_one(commander)
+    earlier = incident.detected_at - dt.timedelta(minutes=3)
+    incident = services.set_timestamp(
+        actor=commander, incident=incident, name="detected", when=earlier
+    )
+    entry = incident.timeline.get(kind=EntryKind.TIMESTAMP)
+    assert "(was " in entry.text
+    assert entry.details["after"] == earlier.isoformat()
+    assert incident.detected_auto is False
+
+
+def test_escalation_is_recorded_with_its_reason(commander):
+    incident = open_one(commander)
+    incident = services.escalate(
+        actor=commander, incident=incident, level=3, reason="replica lag on every node"
+    )
+    assert incident.escalation_level == 3
+    entry = incident.timeline.get(kind=EntryKind.ESCALATION)
+    assert entry.text.startswith("Escalated to Level 3: platform team")
+    with pytest.raises(InvalidRequest, match="already at level 3"):
+        services.escalate(actor=commander, incident=incident, level=3, reason="again")
+    with pytest.raises(InvalidRequest, match="escalation level must be 1 to 4"):
+        services.escalate(actor=commander, incident=incident, level=5, reason="x")
+    with pytest.raises(InvalidRequest, match="a reason is required"):
+        services.escalate(actor=commander, incident=incident, level=4, reason=" ")
+
+
+def test_a_correction_is_a_new_entry_pointing_at_the_old_one(commander):
+    incident = open_one(commander)
+    note = services.add_note(actor=commander, incident=incident, text="lock held by deploy-41")
+    correction = services.correct_entry(actor=commander, entry=note, text="deploy-42, not 41")
+    note.refresh_from_db()
+    assert note.text == "lock held by deploy-41"
+    assert correction.corrects == note
+    assert correction.kind == EntryKind.CORRECTION
+    assert kinds(incident) == [EntryKind.OPENED, EntryKind.NOTE, EntryKind.CORRECTION]
+
+
+def test_editing_the_post_mortem_is_noted_on_the_timeline(commander):
+    incident = open_one(commander)
+    incident.root_cause = "an index built without CONCURRENTLY"
+    services.update_incident(actor=commander, incident=incident, changed=["root_cause"])
+    incident.refresh_from_db()
+    assert incident.root_cause == "an index built without CONCURRENTLY"
+    assert incident.timeline.get(kind=EntryKind.EDIT).text == "Edited: root cause"
