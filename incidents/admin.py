@@ -8,7 +8,7 @@ from django.contrib import admin, messages
 from django.utils.html import format_html, format_html_join
 
 from incidents import selectors, services
-from incidents.models import Incident, RecoveryObjective, TimelineEntry
+from incidents.models import ChecklistItem, Incident, RecoveryObjective, TimelineEntry
 from migrations_ops.actors import Actor
 from migrations_ops.admin import ReadOnlyAdmin
 from migrations_ops.models import Door
@@ -45,6 +45,33 @@ class BreachedFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ChecklistInline(admin.TabularInline):
+    """The validation checklist, read-only: people tick items and the console runs its checks
+    through ``services`` (the "Run checks" action)."""
+
+    model = ChecklistItem
+    fields = ["key", "result", "evidence", "checked_by", "checked_at_utc", "automatic"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.has_perm("incidents.view_incident")
+
+    @admin.display(description="Checked at (UTC)")
+    def checked_at_utc(self, obj):
+        return services.utc(obj.checked_at) if obj.checked_at else "-"
+
+
 @admin.register(Incident)
 class IncidentAdmin(admin.ModelAdmin):
     list_display = [
@@ -60,6 +87,7 @@ class IncidentAdmin(admin.ModelAdmin):
     ]
     list_display_links = ["id", "title"]
     list_filter = ["status", "severity", "scenario", BreachedFilter]
+    actions = ["run_checks"]
     search_fields = ["title", "culprit_migration", "commander_name"]
     filter_horizontal = ["affected_targets"]
     add_fields = [
@@ -85,6 +113,24 @@ class IncidentAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # its timeline is append-only; an incident is closed, never deleted
+
+    def get_inlines(self, request, obj):
+        return [] if obj is None else [ChecklistInline]
+
+    @admin.action(description="Run checks", permissions=["change"])
+    def run_checks(self, request, queryset):
+        actor = Actor.for_user(request.user, Door.ADMIN)
+        for incident in queryset.order_by("pk"):
+            try:
+                items = services.run_checks(actor=actor, incident=incident)
+            except ServiceError as error:
+                self.message_user(request, f"#{incident.pk}: {error}", messages.ERROR)
+                continue
+            summary = ", ".join(f"{item.get_key_display()} {item.result}" for item in items)
+            level = (
+                messages.SUCCESS if all(i.result == "passed" for i in items) else messages.WARNING
+            )
+            self.message_user(request, f"#{incident.pk}: {summary}", level)
 
     def get_fields(self, request, obj=None):
         if obj is None:

@@ -167,6 +167,7 @@ class EntryKind(models.TextChoices):
     OPERATION = "operation", "Operation"
     NOTE = "note", "Note"
     EDIT = "edit", "Edit"
+    CHECKLIST = "checklist", "Checklist"
     CORRECTION = "correction", "Correction"
 
 
@@ -220,3 +221,50 @@ class TimelineEntry(models.Model):
 
     def delete(self, *args, **kwargs):
         raise AppendOnlyError("timeline entries are append-only")
+
+
+class ChecklistKey(models.TextChoices):
+    """The runbook's post-rollback validation checklist, in its order."""
+
+    AUTO_MIGRATE = "auto_migrate", "AUTO_MIGRATE set correctly"
+    NO_STUCK_LOCKS = "no_stuck_locks", "No stuck locks"
+    TRACKING_CONSISTENT = "tracking_consistent", "Migration tracking consistent"
+    API_RESPONDING = "api_responding", "API endpoints responding"
+    MONITORING_NORMAL = "monitoring_normal", "Monitoring normal"
+    NO_MIGRATION_ATTEMPTS = "no_migration_attempts", "No migration attempts in logs"
+
+
+CHECKLIST_KEYS = list(ChecklistKey.values)
+# What the console checks by itself from a live read of each affected target
+# (services.run_checks); a person ticks the rest, with evidence.
+AUTOMATIC_CHECKS = (ChecklistKey.NO_STUCK_LOCKS, ChecklistKey.TRACKING_CONSISTENT)
+
+
+class CheckResult(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PASSED = "passed", "Passed"
+    FAILED = "failed", "Failed"
+
+
+class ChecklistItem(models.Model):
+    """One item of an incident's validation checklist; every incident has all of them from its
+    opening (services.open_incident)."""
+
+    incident = models.ForeignKey(Incident, on_delete=models.PROTECT, related_name="checklist")
+    key = models.CharField(max_length=30, choices=ChecklistKey.choices)
+    result = models.CharField(
+        max_length=10, choices=CheckResult.choices, default=CheckResult.PENDING
+    )
+    evidence = models.TextField(blank=True)
+    checked_by = models.CharField(max_length=150, blank=True)
+    checked_at = models.DateTimeField(null=True, blank=True)
+    automatic = models.BooleanField(default=False, help_text="Checked by the console itself.")
+
+    class Meta:
+        ordering = ["incident", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["incident", "key"], name="one_checklist_item_per_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_key_display()}: {self.get_result_display().lower()}"

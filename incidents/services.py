@@ -10,9 +10,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from incidents.models import (
+    AUTOMATIC_CHECKS,
+    CHECKLIST_KEYS,
     OPEN_STATUSES,
     STATUS_ORDER,
     TIMESTAMPS,
+    ChecklistItem,
+    ChecklistKey,
+    CheckResult,
     EntryKind,
     EscalationLevel,
     Incident,
@@ -22,6 +27,8 @@ from incidents.models import (
     Severity,
     TimelineEntry,
 )
+from migrations_ops import engine
+from migrations_ops import services as ops
 from migrations_ops.actors import Actor
 from migrations_ops.models import Operation, Target
 from migrations_ops.services import InvalidRequest, require_permission
@@ -111,6 +118,9 @@ def open_incident(
             recover_objective=objective.recover_within if objective else None,
         )
         incident.affected_targets.set(targets or [])
+        ChecklistItem.objects.bulk_create(
+            ChecklistItem(incident=incident, key=key) for key in CHECKLIST_KEYS
+        )
         add_entry(
             incident,
             EntryKind.OPENED,
@@ -184,7 +194,8 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
     """Move an incident forward in STATUS_ORDER (skipping ahead is allowed, going back is not).
 
     Monitoring means mitigated and resolved means recovered: the console fills in those
-    timestamps by itself when no one has yet."""
+    timestamps by itself when no one has yet. The post-mortem and closing need what
+    ``closing_gaps`` lists."""
     require_permission(actor, CHANGE_PERMISSION, "change incidents")
     if status not in STATUS_ORDER:
         raise InvalidRequest(f"unknown status {status!r}")
@@ -195,6 +206,12 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
             raise InvalidRequest(
                 f"incident #{incident.pk} is {IncidentStatus(before).label.lower()}: it can "
                 f"only move forward ({' → '.join(STATUS_ORDER)})"
+            )
+        gaps = closing_gaps(incident, status)
+        if gaps:
+            raise InvalidRequest(
+                f"incident #{incident.pk} cannot move to {IncidentStatus(status).label.lower()}: "
+                f"{'; '.join(gaps)}"
             )
         incident.status = status
         incident.save(update_fields=["status"])
@@ -211,6 +228,33 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
         if reached >= STATUS_ORDER.index(IncidentStatus.RESOLVED):
             _set_automatically(actor, incident, "recovered")
     return incident
+
+
+def closing_gaps(incident: Incident, status: str) -> list[str]:
+    """What the incident still lacks to move to ``status``: the post-mortem needs the recovered
+    time (resolving sets it by itself; skipping past resolved does not); closing also needs
+    every checklist item passed and a root cause.
+
+    To come with action items: closing will also need at least one action item or a written
+    reason why none is needed."""
+    reached = STATUS_ORDER.index(status)
+    gaps = []
+    if reached < STATUS_ORDER.index(IncidentStatus.POST_MORTEM):
+        return gaps
+    if incident.recovered_at is None:
+        gaps.append("the recovered time is not set")
+    if reached < STATUS_ORDER.index(IncidentStatus.CLOSED):
+        return gaps
+    unpassed = [
+        item.get_key_display()
+        for item in incident.checklist.order_by("id")
+        if item.result != CheckResult.PASSED
+    ]
+    if unpassed:
+        gaps.append(f"checklist items not passed: {', '.join(unpassed)}")
+    if not incident.root_cause.strip():
+        gaps.append("no root cause")
+    return gaps
 
 
 def _set_automatically(actor: Actor, incident: Incident, name: str) -> None:
@@ -376,3 +420,112 @@ def record_operation(operation: Operation) -> list[TimelineEntry]:
         )
         for incident in incidents
     ]
+
+
+# --- the validation checklist --------------------------------------------------------------
+def _refuse_closed(incident: Incident) -> None:
+    if incident.status == IncidentStatus.CLOSED:
+        raise InvalidRequest(f"incident #{incident.pk} is closed: its checklist is final")
+
+
+def _record_check(
+    actor: Actor, item: ChecklistItem, passed: bool, evidence: str, *, automatic: bool
+) -> ChecklistItem:
+    before = item.result
+    item.result = CheckResult.PASSED if passed else CheckResult.FAILED
+    item.evidence = evidence
+    item.checked_by = actor.name
+    item.checked_at = timezone.now()
+    item.automatic = automatic
+    item.save(update_fields=["result", "evidence", "checked_by", "checked_at", "automatic"])
+    how = " (automatically)" if automatic else ""
+    add_entry(
+        item.incident,
+        EntryKind.CHECKLIST,
+        f"Checklist: {item.get_key_display()} {item.result}{how}: {evidence}",
+        actor=actor,
+        details={
+            "item": item.key,
+            "before": before,
+            "after": item.result,
+            "evidence": evidence,
+            "automatic": automatic,
+        },
+    )
+    return item
+
+
+def tick_checklist_item(
+    *, actor: Actor, item: ChecklistItem, passed: bool, evidence: str
+) -> ChecklistItem:
+    """A person marks one item passed or failed, always with the evidence they saw."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    evidence = (evidence or "").strip()
+    if not evidence:
+        raise InvalidRequest(f"evidence is required to tick {item.get_key_display()!r}")
+    with transaction.atomic():
+        incident = _locked(item.incident)
+        _refuse_closed(incident)
+        item = ChecklistItem.objects.select_for_update().get(pk=item.pk)
+        item.incident = incident
+        return _record_check(actor, item, passed, evidence, automatic=False)
+
+
+def _check_target(target: Target) -> dict[str, tuple[bool, str]]:
+    """One live read of the target (``read_target_status``): its lock, and its books compared
+    with the imported scripts by the engine's ``verify_books``. Pending scripts are expected
+    after a rollback and do not fail the books; anything else the comparison finds does."""
+    status = ops.read_target_status(target)
+    if status.error:
+        unread = (False, f"{target.name}: could not be read: {status.error}")
+        return {ChecklistKey.NO_STUCK_LOCKS: unread, ChecklistKey.TRACKING_CONSISTENT: unread}
+    observation = status.observation
+    if observation.held:
+        since = f" since {utc(observation.since)}" if observation.since else ""
+        lock = (False, f"{target.name}: lock held by {observation.holder or 'unknown'}{since}")
+    else:
+        lock = (True, f"{target.name}: lock free")
+    scripts = ops.engine_scripts(target)
+    if not scripts:
+        books = (False, f"{target.name}: no scripts imported to compare the books with")
+    else:
+        drifted = {
+            row.filename: ops.drift_description(row)
+            for row in target.scripts.exclude(drift_checksum="")
+        }
+        problems = engine.plan.verify_books(status.applied, scripts, drifted=drifted)
+        failing = [problem.message for problem in problems if problem.code != "pending"]
+        pending = [problem.message for problem in problems if problem.code == "pending"]
+        counts = f"{len(status.applied)} applied, {len(scripts)} scripts"
+        if failing:
+            books = (False, f"{target.name}: {'; '.join(failing)}")
+        else:
+            also = f" ({'; '.join(pending)})" if pending else ""
+            books = (True, f"{target.name}: books consistent, {counts}{also}")
+    return {ChecklistKey.NO_STUCK_LOCKS: lock, ChecklistKey.TRACKING_CONSISTENT: books}
+
+
+def run_checks(*, actor: Actor, incident: Incident) -> list[ChecklistItem]:
+    """Fill the items the console checks by itself (AUTOMATIC_CHECKS) from a live read of every
+    affected target: an item passes only when it passes on all of them. The rest stay for a
+    person."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    _refuse_closed(incident)
+    targets = list(incident.affected_targets.order_by("name"))
+    if not targets:
+        raise InvalidRequest(
+            f"incident #{incident.pk} has no affected targets: there is nothing to check live"
+        )
+    # Read outside the transaction: a slow target must not hold the incident's row.
+    results = [_check_target(target) for target in targets]
+    with transaction.atomic():
+        incident = _locked(incident)
+        _refuse_closed(incident)
+        items = []
+        for key in AUTOMATIC_CHECKS:
+            item = ChecklistItem.objects.select_for_update().get(incident=incident, key=key)
+            item.incident = incident
+            passed = all(result[key][0] for result in results)
+            evidence = "; ".join(result[key][1] for result in results)
+            items.append(_record_check(actor, item, passed, evidence, automatic=True))
+    return items

@@ -50,6 +50,8 @@ def test_commander_edits_the_post_mortem_through_the_service(client):
     incident = IncidentFactory()
     url = reverse("admin:incidents_incident_change", args=[incident.pk])
     form = {name: getattr(incident, name) for name in services.EDITABLE_FIELDS}
+    # The read-only checklist inline's management form, as the page sends it.
+    form |= {"checklist-TOTAL_FORMS": "0", "checklist-INITIAL_FORMS": "0"}
     response = client.post(url, {**form, "root_cause": "no CONCURRENTLY"})
     assert response.status_code == 302
     incident.refresh_from_db()

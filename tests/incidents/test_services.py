@@ -7,7 +7,15 @@ import pytest
 from django.utils import timezone
 
 from incidents import services
-from incidents.models import EntryKind, IncidentStatus, RecoveryObjective, Scenario
+from incidents.models import (
+    CHECKLIST_KEYS,
+    ChecklistKey,
+    CheckResult,
+    EntryKind,
+    IncidentStatus,
+    RecoveryObjective,
+    Scenario,
+)
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
 from migrations_ops.services import InvalidRequest, PermissionDenied
@@ -208,3 +216,65 @@ def test_editing_the_post_mortem_is_noted_on_the_timeline(commander):
     incident.refresh_from_db()
     assert incident.root_cause == "an index built without CONCURRENTLY"
     assert incident.timeline.get(kind=EntryKind.EDIT).text == "Edited: root cause"
+
+
+# --- the validation checklist and closing ------------------------------------------------------
+def test_opening_creates_the_runbook_checklist(commander):
+    incident = open_one(commander)
+    items = list(incident.checklist.order_by("id"))
+    assert [item.key for item in items] == CHECKLIST_KEYS
+    assert {item.result for item in items} == {CheckResult.PENDING}
+
+
+def test_ticking_an_item_needs_evidence_and_lands_on_the_timeline(commander):
+    incident = open_one(commander)
+    item = incident.checklist.get(key=ChecklistKey.AUTO_MIGRATE)
+    with pytest.raises(InvalidRequest, match="evidence is required"):
+        services.tick_checklist_item(actor=commander, item=item, passed=True, evidence=" ")
+
+    services.tick_checklist_item(
+        actor=commander, item=item, passed=True, evidence="AUTO_MIGRATE=false in all pods"
+    )
+    item.refresh_from_db()
+    assert (item.result, item.checked_by, item.automatic) == ("passed", "commander", False)
+    assert item.checked_at is not None
+    entry = incident.timeline.get(kind=EntryKind.CHECKLIST)
+    assert entry.text == (
+        "Checklist: AUTO_MIGRATE set correctly passed: AUTO_MIGRATE=false in all pods"
+    )
+
+
+def test_post_mortem_needs_the_recovered_time(commander):
+    incident = open_one(commander)
+    services.change_status(actor=commander, incident=incident, status=IncidentStatus.MONITORING)
+    with pytest.raises(InvalidRequest, match=r"post-mortem: the recovered time is not set$"):
+        services.change_status(
+            actor=commander, incident=incident, status=IncidentStatus.POST_MORTEM
+        )
+
+
+def test_closing_is_refused_until_complete_then_closes(commander):
+    incident = open_one(commander)
+    services.change_status(actor=commander, incident=incident, status=IncidentStatus.RESOLVED)
+    services.change_status(actor=commander, incident=incident, status=IncidentStatus.POST_MORTEM)
+    items = list(incident.checklist.order_by("id"))
+    for item in items[:-1]:
+        services.tick_checklist_item(actor=commander, item=item, passed=True, evidence="seen")
+    services.tick_checklist_item(actor=commander, item=items[-1], passed=False, evidence="one")
+
+    with pytest.raises(InvalidRequest) as refused:
+        services.change_status(actor=commander, incident=incident, status=IncidentStatus.CLOSED)
+    assert str(refused.value) == (
+        f"incident #{incident.pk} cannot move to closed: checklist items not passed: "
+        "No migration attempts in logs; no root cause"
+    )
+
+    services.tick_checklist_item(actor=commander, item=items[-1], passed=True, evidence="none")
+    incident.root_cause = "index built without CONCURRENTLY"
+    services.update_incident(actor=commander, incident=incident, changed=["root_cause"])
+    incident = services.change_status(
+        actor=commander, incident=incident, status=IncidentStatus.CLOSED
+    )
+    assert incident.status == IncidentStatus.CLOSED
+    with pytest.raises(InvalidRequest, match="is closed: its checklist is final"):
+        services.tick_checklist_item(actor=commander, item=items[0], passed=True, evidence="x")
