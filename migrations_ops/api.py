@@ -53,6 +53,22 @@ def allow(method: str):
     return decorator
 
 
+def json_object_body(view):
+    """Parse the request body as one JSON object, passed to the view as ``body``."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return json_error(400, "invalid_json", "the request body is not valid JSON")
+        if not isinstance(body, dict):
+            return json_error(400, "invalid_json", "the request body must be a JSON object")
+        return view(request, *args, body=body, **kwargs)
+
+    return wrapper
+
+
 def staff_api(permission: str):
     """A logged-in staff session holding ``permission``; JSON 401/403 otherwise."""
 
@@ -93,15 +109,10 @@ def migrations_status(request):
 
 @allow("POST")
 @staff_api("migrations_ops.view_target")
-def force_unlock(request, name: str):
+@json_object_body
+def force_unlock(request, name: str, body: dict):
     """Request the release of a target's lock: ``{"reason": "...", "release_fresh": false,
     "confirm_name": "..."}``. Answers 202 with the operation; poll its ``url``."""
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        return json_error(400, "invalid_json", "the request body is not valid JSON")
-    if not isinstance(body, dict):
-        return json_error(400, "invalid_json", "the request body must be a JSON object")
     try:
         target = services.get_target(name)
         operation = services.request_force_unlock(
@@ -136,14 +147,9 @@ def operation_detail(request, operation_id: int):
 
 @allow("POST")
 @staff_api("migrations_ops.view_operation")
-def decide_operation(request, operation_id: int, decision: str):
+@json_object_body
+def decide_operation(request, operation_id: int, decision: str, body: dict):
     """Approve or reject an operation awaiting approval: ``{"reason": "..."}``."""
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        return json_error(400, "invalid_json", "the request body is not valid JSON")
-    if not isinstance(body, dict):
-        return json_error(400, "invalid_json", "the request body must be a JSON object")
     decide = services.approve_operation if decision == "approve" else services.reject_operation
     try:
         operation = decide(

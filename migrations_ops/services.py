@@ -287,13 +287,8 @@ def request_force_unlock(
     will release; if it changes in between, the task leaves it alone.
     """
     require_permission(actor, FORCE_UNLOCK_PERMISSION, "force-release migration locks")
-    reason = (reason or "").strip()
-    if not reason:
-        raise InvalidRequest("a reason is required to force-release a migration lock")
-    if target.is_production and (confirm_name or "").strip() != target.name:
-        raise InvalidRequest(
-            f"{target.name} is a production target: type its name to confirm the release"
-        )
+    reason = _require_reason(reason, "force-release a migration lock")
+    _require_confirmation(target, confirm_name, "confirm the release")
     status = read_target_status(target, include_applied=False)
     if status.error:
         raise TargetUnavailable(f"{target.name}: {status.error}")
