@@ -139,6 +139,13 @@ class Incident(models.Model):
     got_lucky = models.TextField(blank=True)
     prevention = models.TextField(blank=True, verbose_name="prevention measures")
     process_improvements = models.TextField(blank=True)
+    no_action_items_reason = models.TextField(
+        blank=True,
+        verbose_name="why no action items",
+        help_text="Closing needs at least one action item, or this written reason.",
+    )
+    # Set when the incident closes: the post-mortem is frozen from then on (addenda only).
+    closed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-opened_at", "-id"]
@@ -159,6 +166,95 @@ class AppendOnlyError(Exception):
     pass
 
 
+class EscalationContact(models.Model):
+    """Who each level of the runbook's escalation path reaches; seeded from the runbook and
+    edited by console admins. An escalation copies the contact onto the timeline, so editing a
+    row never rewrites who was reached."""
+
+    level = models.PositiveSmallIntegerField(choices=EscalationLevel.choices, unique=True)
+    team = models.CharField(max_length=100)
+    reaches = models.TextField(
+        help_text="How to reach them: channel, pager service, address (one per line)."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["level"]
+
+    def __str__(self) -> str:
+        return f"Level {self.level}: {self.team}"
+
+
+class ActionItemKind(models.TextChoices):
+    CORRECTIVE = "corrective", "Corrective"
+    PREVENTIVE = "preventive", "Preventive"
+    DETECTIVE = "detective", "Detective"
+
+
+class ActionItemStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    IN_PROGRESS = "in_progress", "In progress"
+    DONE = "done", "Done"
+    WONT_DO = "wont_do", "Won't do"
+
+
+class ActionItem(models.Model):
+    """A follow-up of an incident: who owns it, what kind of fix it is, by when, and where it is
+    tracked."""
+
+    incident = models.ForeignKey(Incident, on_delete=models.PROTECT, related_name="action_items")
+    title = models.CharField(max_length=200)
+    kind = models.CharField(max_length=12, choices=ActionItemKind.choices)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    # A copy, so the record survives a deleted user.
+    owner_name = models.CharField(max_length=150)
+    due_date = models.DateField(null=True, blank=True)
+    status = models.CharField(
+        max_length=12, choices=ActionItemStatus.choices, default=ActionItemStatus.OPEN
+    )
+    link = models.URLField(blank=True, help_text="Where the work is tracked (ticket, PR).")
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.CharField(max_length=150)
+
+    class Meta:
+        ordering = ["incident", "id"]
+        indexes = [models.Index(fields=["status", "due_date"])]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()}: {self.title} ({self.owner_name})"
+
+
+class PostmortemAddendum(models.Model):
+    """What was learned after an incident closed. Its post-mortem is frozen; addenda are
+    appended to it and are append-only themselves."""
+
+    incident = models.ForeignKey(Incident, on_delete=models.PROTECT, related_name="addenda")
+    added_at = models.DateTimeField(default=timezone.now)
+    added_by = models.CharField(max_length=150)
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["incident", "added_at", "id"]
+        verbose_name_plural = "post-mortem addenda"
+
+    def __str__(self) -> str:
+        return f"Addendum to #{self.incident_id} by {self.added_by}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding:
+            raise AppendOnlyError("post-mortem addenda are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError("post-mortem addenda are append-only")
+
+
 class EntryKind(models.TextChoices):
     OPENED = "opened", "Opened"
     STATUS = "status", "Status change"
@@ -169,6 +265,9 @@ class EntryKind(models.TextChoices):
     EDIT = "edit", "Edit"
     CHECKLIST = "checklist", "Checklist"
     CORRECTION = "correction", "Correction"
+    ACTION_ITEM = "action_item", "Action item"
+    ADDENDUM = "addendum", "Post-mortem addendum"
+    FLAG = "flag", "Flag change"
 
 
 class TimelineEntry(models.Model):

@@ -73,6 +73,11 @@ class Target(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(86_400)],
         help_text="Bound on each statement of a migration the console runs.",
     )
+    health_url = models.URLField(
+        blank=True,
+        help_text="The application's health endpoint (HTTP 2xx means it responds); an "
+        'incident\'s "Run checks" asks it for the API-endpoints item.',
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -123,6 +128,7 @@ TARGET_SETTINGS = [
     "max_retries",
     "statement_timeout_seconds",
     "requires_approval",
+    "health_url",
 ]
 
 
@@ -258,6 +264,15 @@ class Operation(models.Model):
     requested_by_name = models.CharField(max_length=150)
     door = models.CharField(max_length=10, choices=Door.choices)
     reason = models.TextField()
+    # The incident this operation serves, when there is one: it lands on that incident's
+    # timeline even when its target is not among the affected ones.
+    incident = models.ForeignKey(
+        "incidents.Incident",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="operations",
+    )
     params = models.JSONField(default=dict, blank=True)
     requested_at = models.DateTimeField(default=timezone.now)  # indexed with id (Meta.indexes)
     started_at = models.DateTimeField(null=True, blank=True)

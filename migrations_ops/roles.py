@@ -26,6 +26,7 @@ ON_CALL_ACTIONS = [
 ADMIN_MODELS = [
     ("migrations_ops", "target"),
     ("migrations_ops", "alertthresholds"),
+    ("incidents", "escalationcontact"),
     ("auth", "user"),
     ("auth", "group"),
 ]
