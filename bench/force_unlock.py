@@ -363,7 +363,7 @@ def report_phases(phase_runs: list[tuple]) -> None:
         print(
             f"{side}: {counts.get('console_queries', 0)} console queries, "
             f"{counts.get('target_statements', 0)} target statements, "
-            f"{counts.get('target_pings', 0)} target pings per operation; "
+            f"{counts.get('target_resets', 0)} kept target connection resets per operation; "
             f"{connects['console']} console and {connects['target']} target connects "
             f"in {len(phase_runs)} runs"
         )

@@ -103,7 +103,8 @@ def _install_common() -> None:
     TargetConnection.transaction = transaction
 
     # Both engine.connect and a ConnectionCache open PostgreSQL connections through
-    # _connect_postgresql, and a cache pings a kept connection with _alive before lending it.
+    # _connect_postgresql, and a cache resets a kept connection with _reset before lending it
+    # (one round trip, which is also its liveness check).
     original_connect_postgresql = engine_connection._connect_postgresql
 
     def connect_postgresql(*args, **kwargs):
@@ -115,13 +116,13 @@ def _install_common() -> None:
 
     engine_connection._connect_postgresql = connect_postgresql
 
-    original_alive = engine_connection._alive
+    original_reset = engine_connection._reset
 
-    def alive(target_connection):
-        RECORDER.count("target_pings")
-        return original_alive(target_connection)
+    def reset(target_connection):
+        RECORDER.count("target_resets")
+        return original_reset(target_connection)
 
-    engine_connection._alive = alive
+    engine_connection._reset = reset
 
     original_connect = BaseDatabaseWrapper.connect
 
@@ -203,12 +204,12 @@ def read_worker_record(path: Path, operation_id: int, timeout: float = 10) -> di
 
 # One contiguous chain from "request starts" to "the bench sees the lock gone": the phases sum
 # to the end-to-end time exactly. (side, event) pairs; "bench" stamps come from the bench loop.
-# "target connection": a kept one (pinged before use) or, failing that, a new one.
+# "target connection": a kept one (reset before use) or, failing that, a new one.
 CHAIN = [
     ("bench", "start", None),
     ("request", "target_connect.end", "request: permission check + target connection"),
     ("request", "target_close.end", "request: read lock (table check + SELECT), give back"),
-    ("request", "observe.end", "request: observe_lock (console transaction)"),
+    ("request", "observe.end", "request: observe_lock (one UPDATE)"),
     ("request", "send.start", "request: Operation + AuditEvent insert + commit"),
     ("request", "send.end", "request: broker send (kombu -> Redis)"),
     ("worker", "received", "broker -> worker has the message"),
@@ -221,7 +222,7 @@ CHAIN = [
 AFTER = [
     ("worker", "release.end", None),
     ("worker", "target_close.end", "worker: give the target connection back"),
-    ("worker", "observe.end", "worker: observe_lock (console transaction)"),
+    ("worker", "observe.end", "worker: observe_lock (one UPDATE)"),
     ("worker", "finish.end", "worker: _finish (Operation update + AuditEvent, commit)"),
     ("worker", "postrun", "worker: task return -> postrun"),
 ]

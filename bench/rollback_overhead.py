@@ -17,9 +17,9 @@ Every round re-applies the migration directly with psycopg (its up SQL and the I
 (a) console: from just before ``services.request_rollback(...)`` (latest applied migration)
     until ``services.execute_operation(op.pk)`` has returned the Operation ``succeeded``, both
     called in this process: the request's live read of the books and the lock, the Operation
-    and AuditEvent rows, and the whole run (claim, target connection, lock taken and committed,
-    catalog snapshot before and after for the change report, the transaction, lock release,
-    the lock observation, finish);
+    and AuditEvent rows, and the whole run (claim, target connection -- a kept one, its session
+    reset first --, lock taken and committed, the transaction, lock release, the lock
+    observation, finish); a real run takes no catalog snapshots (only dry runs report changes);
 (b) direct: on a kept psycopg connection, ``BEGIN; DROP INDEX orders_customer_idx;
     DELETE FROM migrations WHERE filename = '001_orders_customer_index.sql'; COMMIT``
     (the same down SQL, taken from the imported script, and the same DELETE the console runs);
@@ -340,14 +340,14 @@ class PhaseTimer:
 
         wrap = self.wrap
         wrap(services, "request_rollback", "request_rollback()")
-        wrap(services, "read_target_status", "live read of lock + books (kept target conn.)")
-        wrap(services, "observe_lock", "observe_lock (console transaction)")
+        wrap(services, "read_target_status", "live read of lock + books")
+        wrap(services, "observe_lock", "observe_lock (one UPDATE)")
         wrap(services, "engine_scripts", "engine_scripts (stored scripts)")
         wrap(services, "_create_operation", "Operation + AuditEvent insert, commit")
         wrap(services, "send_operation", "on_commit: publish to the broker (Redis)")
         wrap(services, "execute_operation", "execute_operation()")
         wrap(services, "_finish", "_finish (Operation update + AuditEvent, commit)")
-        wrap(engine_connection, "_alive", "ping the kept connection")
+        wrap(engine_connection, "_reset", "reset the kept connection (DISCARD ALL)")
         wrap(engine_connection, "_connect_postgresql", "NEW target connection")
         wrap(engine_connection.TargetConnection, "close", "close target connection")
         wrap(conventions.RunbookConvention, "read_applied", "read_applied")

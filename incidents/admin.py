@@ -5,10 +5,20 @@ from __future__ import annotations
 import datetime as dt
 
 from django.contrib import admin, messages
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from incidents import selectors, services
-from incidents.models import ChecklistItem, Incident, RecoveryObjective, TimelineEntry
+from incidents import admin_views, selectors, services
+from incidents.models import (
+    ActionItem,
+    ChecklistItem,
+    EscalationContact,
+    Incident,
+    IncidentStatus,
+    PostmortemAddendum,
+    RecoveryObjective,
+    TimelineEntry,
+)
 from migrations_ops.actors import Actor
 from migrations_ops.admin import ReadOnlyAdmin
 from migrations_ops.models import Door
@@ -45,13 +55,10 @@ class BreachedFilter(admin.SimpleListFilter):
         return queryset
 
 
-class ChecklistInline(admin.TabularInline):
-    """The validation checklist, read-only: people tick items and the console runs its checks
-    through ``services`` (the "Run checks" action)."""
+class ReadOnlyInline(admin.TabularInline):
+    """Rows shown on the incident's page; every write goes through ``services`` (the page's
+    own forms and the "Run checks" action)."""
 
-    model = ChecklistItem
-    fields = ["key", "result", "evidence", "checked_by", "checked_at_utc", "automatic"]
-    readonly_fields = fields
     extra = 0
     can_delete = False
 
@@ -67,9 +74,25 @@ class ChecklistInline(admin.TabularInline):
     def has_view_permission(self, request, obj=None):
         return request.user.has_perm("incidents.view_incident")
 
+
+class ChecklistInline(ReadOnlyInline):
+    """The validation checklist."""
+
+    model = ChecklistItem
+    fields = ["key", "result", "evidence", "checked_by", "checked_at_utc", "automatic"]
+    readonly_fields = fields
+
     @admin.display(description="Checked at (UTC)")
     def checked_at_utc(self, obj):
         return services.utc(obj.checked_at) if obj.checked_at else "-"
+
+
+class ActionItemInline(ReadOnlyInline):
+    """The follow-ups."""
+
+    model = ActionItem
+    fields = ["id", "title", "kind", "owner_name", "due_date", "status", "link", "created_by"]
+    readonly_fields = fields
 
 
 @admin.register(Incident)
@@ -86,7 +109,7 @@ class IncidentAdmin(admin.ModelAdmin):
         "objectives_column",
     ]
     list_display_links = ["id", "title"]
-    list_filter = ["status", "severity", "scenario", BreachedFilter]
+    list_filter = ["status", "severity", "scenario", "affected_targets", BreachedFilter]
     actions = ["run_checks"]
     search_fields = ["title", "culprit_migration", "commander_name"]
     filter_horizontal = ["affected_targets"]
@@ -94,6 +117,7 @@ class IncidentAdmin(admin.ModelAdmin):
         "title",
         "scenario",
         "severity",
+        "commander",
         "affected_targets",
         "culprit_migration",
         "impact_started_at",
@@ -104,18 +128,67 @@ class IncidentAdmin(admin.ModelAdmin):
         "escalation_level",
         "commander_name",
         "affected_targets_display",
+        "operations_display",
         "opened_at",
         "opened_by",
         "timestamps_display",
         "objectives_display",
+        "closed_at",
         "timeline_display",
+        "addenda_display",
     ]
 
     def has_delete_permission(self, request, obj=None):
         return False  # its timeline is append-only; an incident is closed, never deleted
 
     def get_inlines(self, request, obj):
-        return [] if obj is None else [ChecklistInline]
+        return [] if obj is None else [ChecklistInline, ActionItemInline]
+
+    def get_changeform_initial_data(self, request):
+        # The opener commands unless they name someone else.
+        return {**super().get_changeform_initial_data(request), "commander": request.user.pk}
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "commander":
+            kwargs["queryset"] = admin_views.commanders()
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:incident_id>/act/<slug:slug>/",
+                self.admin_site.admin_view(self.act_view),
+                name="incidents_incident_act",
+            ),
+            path(
+                "<int:incident_id>/postmortem.md",
+                self.admin_site.admin_view(self.postmortem_view),
+                name="incidents_incident_postmortem",
+            ),
+            *super().get_urls(),
+        ]
+
+    def act_view(self, request, incident_id: int, slug: str):
+        return admin_views.act_view(self, request, incident_id, slug)
+
+    def postmortem_view(self, request, incident_id: int):
+        return admin_views.postmortem_view(self, request, incident_id)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        incident = self.get_object(request, object_id)
+        if incident is not None:
+            extra_context = {
+                **(extra_context or {}),
+                "postmortem_url": reverse(
+                    "admin:incidents_incident_postmortem", args=[incident.pk]
+                ),
+                "incident_forms": (
+                    admin_views.incident_forms(incident)
+                    if self.has_change_permission(request, incident)
+                    else []
+                ),
+            }
+        return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Run checks", permissions=["change"])
     def run_checks(self, request, queryset):
@@ -138,7 +211,12 @@ class IncidentAdmin(admin.ModelAdmin):
         return [*self.state_fields, *services.EDITABLE_FIELDS]
 
     def get_readonly_fields(self, request, obj=None):
-        return [] if obj is None else self.state_fields
+        if obj is None:
+            return []
+        if obj.status == IncidentStatus.CLOSED:
+            # Frozen: what comes later goes into addenda.
+            return [*self.state_fields, *services.EDITABLE_FIELDS]
+        return self.state_fields
 
     @admin.display(description="Objectives")
     def objectives_column(self, obj):
@@ -154,6 +232,21 @@ class IncidentAdmin(admin.ModelAdmin):
     @admin.display(description="Affected targets")
     def affected_targets_display(self, obj):
         return ", ".join(target.name for target in obj.affected_targets.order_by("name")) or "-"
+
+    @admin.display(description="Operations serving it")
+    def operations_display(self, obj):
+        operations = obj.operations.select_related("target").order_by("requested_at", "id")
+        links = (
+            (
+                reverse("admin:migrations_ops_operation_change", args=[operation.pk]),
+                operation.pk,
+                operation.get_kind_display(),
+                operation.target.name,
+                operation.get_status_display().lower(),
+            )
+            for operation in operations
+        )
+        return format_html_join(", ", '<a href="{}">#{} {} on {}</a> ({})', links) or "-"
 
     @admin.display(description="Timestamps (UTC)")
     def timestamps_display(self, obj):
@@ -211,6 +304,17 @@ class IncidentAdmin(admin.ModelAdmin):
             ),
         )
 
+    @admin.display(description="Post-mortem addenda")
+    def addenda_display(self, obj):
+        rows = (
+            (services.utc(addendum.added_at), addendum.added_by, addendum.text)
+            for addendum in obj.addenda.order_by("added_at", "id")
+        )
+        return format_html(
+            "<table>{}</table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+        )
+
     def save_model(self, request, obj, form, change):
         actor = Actor.for_user(request.user, Door.ADMIN)
         if change:
@@ -224,6 +328,7 @@ class IncidentAdmin(admin.ModelAdmin):
             targets=list(form.cleaned_data.get("affected_targets") or []),
             culprit_migration=obj.culprit_migration,
             impact_started_at=obj.impact_started_at,
+            commander=obj.commander,
         )
         # The admin goes on with the form's instance (logging, redirect): make it the new row.
         obj.__dict__.update(incident.__dict__)
@@ -256,4 +361,36 @@ class TimelineEntryAdmin(ReadOnlyAdmin):
     list_select_related = ["incident"]
     raw_id_fields = ["incident", "operation", "corrects"]
     fields = ["occurred_at", "incident", "kind", "actor_name", "text", "operation", "corrects"]
+    readonly_fields = fields
+
+
+@admin.register(EscalationContact)
+class EscalationContactAdmin(admin.ModelAdmin):
+    """Who each escalation level reaches. Escalations copy the contact onto the timeline, so
+    editing a row here changes only later escalations."""
+
+    list_display = ["level", "team", "reaches", "updated_at"]
+    readonly_fields = ["updated_at"]
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # every level of the runbook's path has someone to reach
+
+
+@admin.register(ActionItem)
+class ActionItemAdmin(ReadOnlyAdmin):
+    """Every follow-up across incidents; changed from its incident's page."""
+
+    list_display = ["id", "incident", "title", "kind", "owner_name", "due_date", "status"]
+    list_filter = ["status", "kind"]
+    list_select_related = ["incident"]
+    search_fields = ["title", "owner_name"]
+    fields = [*list_display, "link", "created_at", "created_by"]
+    readonly_fields = fields
+
+
+@admin.register(PostmortemAddendum)
+class PostmortemAddendumAdmin(ReadOnlyAdmin):
+    list_display = ["added_at", "incident", "added_by", "text"]
+    list_select_related = ["incident"]
+    fields = list_display
     readonly_fields = fields

@@ -334,9 +334,12 @@ class ChecklistKey(models.TextChoices):
 
 
 CHECKLIST_KEYS = list(ChecklistKey.values)
-# What the console checks by itself from a live read of each affected target
-# (services.run_checks); a person ticks the rest, with evidence.
+# What the console always checks by itself from a live read of each affected target
+# (services.run_checks). HEALTH_CHECK joins them when at least one affected target has a health
+# URL to ask (Target.health_url); otherwise it stays, like the rest, for a person to tick with
+# evidence.
 AUTOMATIC_CHECKS = (ChecklistKey.NO_STUCK_LOCKS, ChecklistKey.TRACKING_CONSISTENT)
+HEALTH_CHECK = ChecklistKey.API_RESPONDING
 
 
 class CheckResult(models.TextChoices):

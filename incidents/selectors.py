@@ -7,13 +7,32 @@ is unknown (time to detect is then unknown). Taking exactly the objective meets 
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 from dataclasses import dataclass
 
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q, QuerySet
+from django.db.models import (
+    DateTimeField,
+    Exists,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+)
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from incidents.models import PHASES, Incident, TimelineEntry
+from incidents.models import (
+    PHASES,
+    ActionItem,
+    EntryKind,
+    Incident,
+    IncidentStatus,
+    Scenario,
+    TimelineEntry,
+)
 
 MET = "met"
 BREACHED = "breached"
@@ -82,3 +101,243 @@ def incidents_breaching(
 
 def timeline(incident: Incident) -> QuerySet[TimelineEntry]:
     return incident.timeline.select_related("corrects").order_by("occurred_at", "id")
+
+
+def postmortem_data(incident: Incident, now: dt.datetime | None = None):
+    """Everything the Markdown post-mortem shows (``incidents.postmortem``), read once."""
+    from incidents.postmortem import PostmortemData
+
+    return PostmortemData(
+        incident=incident,
+        targets=list(incident.affected_targets.order_by("name").values_list("name", flat=True)),
+        timeline=list(timeline(incident)),
+        checklist=list(incident.checklist.order_by("id")),
+        action_items=list(incident.action_items.order_by("id")),
+        addenda=list(incident.addenda.order_by("added_at", "id")),
+        objectives=objective_results(incident, now),
+    )
+
+
+# The objectives report and the lessons-learned log. Both compute in Python over one query of
+# the columns they need: incidents number in the hundreds, not millions, and ``phase_result``
+# stays the one definition of a phase's duration and verdict, shared with the incident's page.
+
+# What phase_result reads, plus what the report groups and labels by.
+REPORT_COLUMNS = (
+    "id",
+    "title",
+    "scenario",
+    "opened_at",
+    "impact_started_at",
+    "detected_at",
+    "mitigated_at",
+    "recovered_at",
+    "detect_objective",
+    "mitigate_objective",
+    "recover_objective",
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One incident's finished phase: a point on the report's chart."""
+
+    incident_id: int
+    title: str
+    elapsed: dt.timedelta
+    objective: dt.timedelta | None
+    verdict: str  # MET, BREACHED, or UNKNOWN when the incident copied no objective
+
+
+@dataclass(frozen=True)
+class PhaseFigures:
+    phase: str
+    measurements: list[Measurement]  # finished phases, oldest incident first
+    pending: int  # not over yet: left out of every other figure
+    overdue: int  # of those pending, already past their objective
+    unmeasurable: int  # no start to measure from (time to detect without an impact start)
+    median: dt.timedelta | None
+    p90: dt.timedelta | None
+    met: int
+    with_objective: int  # finished phases that had an objective: share met's denominator
+    objectives: tuple[dt.timedelta, ...]  # distinct ones copied; several if they were edited
+
+    @property
+    def measured(self) -> int:
+        return len(self.measurements)
+
+    @property
+    def share_met(self) -> float | None:
+        return self.met / self.with_objective if self.with_objective else None
+
+
+@dataclass(frozen=True)
+class ScenarioFigures:
+    scenario: str
+    label: str
+    incidents: int
+    phases: list[PhaseFigures]
+
+
+def percentile_90(values: list[float]) -> float:
+    """The 90th percentile interpolated linearly between the closest ranks, as
+    ``statistics.quantiles(method="inclusive")`` (spreadsheets' PERCENTILE.INC) computes it:
+    of 1..10 it is 9.1, of 1 and 2 it is 1.9, of a single value that value."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+def phase_figures(incidents: list[Incident], phase: str, now: dt.datetime) -> PhaseFigures:
+    measurements = []
+    pending = overdue = unmeasurable = 0
+    for incident in incidents:
+        result = phase_result(incident, phase, now)
+        if result.elapsed is None:
+            unmeasurable += 1
+        elif getattr(incident, f"{PHASES[phase]}_at") is None:
+            pending += 1
+            overdue += result.verdict == BREACHED
+        else:
+            measurements.append(
+                Measurement(
+                    incident.pk, incident.title, result.elapsed, result.objective, result.verdict
+                )
+            )
+    seconds = [m.elapsed.total_seconds() for m in measurements]
+    judged = [m for m in measurements if m.objective is not None]
+    return PhaseFigures(
+        phase=phase,
+        measurements=measurements,
+        pending=pending,
+        overdue=overdue,
+        unmeasurable=unmeasurable,
+        median=dt.timedelta(seconds=statistics.median(seconds)) if seconds else None,
+        p90=dt.timedelta(seconds=percentile_90(seconds)) if seconds else None,
+        met=sum(m.verdict == MET for m in judged),
+        with_objective=len(judged),
+        objectives=tuple(sorted({i.objective(phase) for i in incidents} - {None})),
+    )
+
+
+def objectives_report(
+    scenario: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> list[ScenarioFigures]:
+    """Per scenario with incidents (in ``Scenario`` order) and per phase: how many finished
+    phases were measured, their median and 90th percentile (``percentile_90``), the share that
+    met the objective the incident copied, and each duration for the chart.
+
+    Incidents count by when they were opened, ``since`` ≤ ``opened_at`` < ``until``: unlike the
+    detected time it is always set and never corrected. A phase not over yet is counted as
+    pending and left out of the figures."""
+    now = now or timezone.now()
+    incidents = Incident.objects.only(*REPORT_COLUMNS).order_by("opened_at", "id")
+    if scenario:
+        incidents = incidents.filter(scenario=scenario)
+    if since is not None:
+        incidents = incidents.filter(opened_at__gte=since)
+    if until is not None:
+        incidents = incidents.filter(opened_at__lt=until)
+    by_scenario: dict[str, list[Incident]] = {}
+    for incident in incidents:
+        by_scenario.setdefault(incident.scenario, []).append(incident)
+    return [
+        ScenarioFigures(
+            scenario=value,
+            label=label,
+            incidents=len(by_scenario[value]),
+            phases=[phase_figures(by_scenario[value], phase, now) for phase in PHASES],
+        )
+        for value, label in Scenario.choices
+        if value in by_scenario
+    ]
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """One closed incident in the lessons-learned log."""
+
+    incident: Incident  # with its action items prefetched
+    closed_at: dt.datetime
+    recovery: PhaseResult
+
+    @property
+    def started_at(self) -> dt.datetime:
+        # Where every phase but detection is measured from.
+        return phase_start(self.incident, "recover") or self.incident.opened_at
+
+    @property
+    def time_to_recovery(self) -> dt.timedelta | None:
+        return self.recovery.elapsed if self.incident.recovered_at else None
+
+    @property
+    def action_items(self) -> list[ActionItem]:
+        return list(self.incident.action_items.all())
+
+
+def closed_incidents() -> QuerySet[Incident]:
+    """Closed incidents, each with ``closed_on``: its ``closed_at``; for one closed before the
+    console kept that, when its timeline says it closed; failing both, its recovered time."""
+    closing = (
+        TimelineEntry.objects.filter(
+            incident=OuterRef("pk"),
+            kind=EntryKind.STATUS,
+            details__after=IncidentStatus.CLOSED,
+        )
+        .order_by("occurred_at", "id")
+        .values("occurred_at")[:1]
+    )
+    return Incident.objects.filter(status=IncidentStatus.CLOSED).annotate(
+        closed_on=Coalesce("closed_at", Subquery(closing), "recovered_at", "opened_at")
+    )
+
+
+def lessons_learned(
+    *,
+    scenario: str = "",
+    severity: str = "",
+    closed_since: dt.datetime | None = None,
+    closed_until: dt.datetime | None = None,
+    search: str = "",
+) -> list[Lesson]:
+    """Closed incidents, last closed first, with their action items: two queries however many
+    there are. ``closed_since`` ≤ closed < ``closed_until``; every word of ``search`` must be
+    in the title, root cause, prevention measures or process improvements."""
+    incidents = closed_incidents().prefetch_related(
+        Prefetch("action_items", queryset=ActionItem.objects.order_by("id"))
+    )
+    if scenario:
+        incidents = incidents.filter(scenario=scenario)
+    if severity:
+        incidents = incidents.filter(severity=severity)
+    if closed_since is not None:
+        incidents = incidents.filter(closed_on__gte=closed_since)
+    if closed_until is not None:
+        incidents = incidents.filter(closed_on__lt=closed_until)
+    for word in search.split():
+        incidents = incidents.filter(
+            Q(title__icontains=word)
+            | Q(root_cause__icontains=word)
+            | Q(prevention__icontains=word)
+            | Q(process_improvements__icontains=word)
+        )
+    return [
+        Lesson(incident, incident.closed_on, phase_result(incident, "recover"))
+        for incident in incidents.order_by("-closed_on", "-id")
+    ]
+
+
+def incidents_to_serve(target) -> list[Incident]:
+    """The incidents an operation on ``target`` may serve: every one not closed, those with the
+    target among their affected ones first (``affects_target``), newest first."""
+    affecting = Incident.affected_targets.through.objects.filter(
+        incident=OuterRef("pk"), target=target
+    )
+    return list(
+        Incident.objects.exclude(status=IncidentStatus.CLOSED)
+        .annotate(affects_target=Exists(affecting))
+        .order_by("-affects_target", "-opened_at", "-id")
+    )

@@ -6,22 +6,32 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from incidents.models import (
     AUTOMATIC_CHECKS,
     CHECKLIST_KEYS,
+    HEALTH_CHECK,
     OPEN_STATUSES,
     STATUS_ORDER,
     TIMESTAMPS,
+    ActionItem,
+    ActionItemKind,
+    ActionItemStatus,
     ChecklistItem,
     ChecklistKey,
     CheckResult,
     EntryKind,
+    EscalationContact,
     EscalationLevel,
     Incident,
     IncidentStatus,
+    PostmortemAddendum,
     RecoveryObjective,
     Scenario,
     Severity,
@@ -30,8 +40,9 @@ from incidents.models import (
 from migrations_ops import engine
 from migrations_ops import services as ops
 from migrations_ops.actors import Actor
+from migrations_ops.engine import health
 from migrations_ops.models import Operation, Target
-from migrations_ops.services import InvalidRequest, require_permission
+from migrations_ops.services import InvalidRequest, ServiceError, require_permission
 
 OPEN_PERMISSION = "incidents.add_incident"
 CHANGE_PERMISSION = "incidents.change_incident"
@@ -96,6 +107,8 @@ def open_incident(
     now = timezone.now()
     if impact_started_at is not None and impact_started_at > now:
         raise InvalidRequest("impact cannot start in the future")
+    if commander is not None:
+        _require_commander(commander)
     commander = commander or actor.user
     objective = RecoveryObjective.objects.filter(scenario=scenario).first()
     with transaction.atomic():
@@ -142,7 +155,16 @@ def open_incident(
     return incident
 
 
-# What people edit freely; status, timestamps and escalation have their own services.
+def _require_commander(user) -> None:
+    """A commander runs the incident, so they must be able to change it."""
+    if not (user.is_active and user.has_perm(CHANGE_PERMISSION)):
+        raise InvalidRequest(
+            f"{user.get_username()} cannot command incidents: they may not change them"
+        )
+
+
+# What people edit freely; status, timestamps and escalation have their own services. All of
+# it is the post-mortem's text, frozen once the incident closes (addenda then).
 EDITABLE_FIELDS = (
     "title",
     "severity",
@@ -159,7 +181,15 @@ EDITABLE_FIELDS = (
     "got_lucky",
     "prevention",
     "process_improvements",
+    "no_action_items_reason",
 )
+
+
+def _refuse_frozen(incident: Incident) -> None:
+    if incident.status == IncidentStatus.CLOSED:
+        raise InvalidRequest(
+            f"incident #{incident.pk} is closed: its post-mortem is frozen, add an addendum instead"
+        )
 
 
 def update_incident(*, actor: Actor, incident: Incident, changed: list[str]) -> Incident:
@@ -174,6 +204,8 @@ def update_incident(*, actor: Actor, incident: Incident, changed: list[str]) -> 
     if incident.severity not in Severity.values:
         raise InvalidRequest(f"unknown severity {incident.severity!r}")
     with transaction.atomic():
+        # The stored status, not the instance's: the form's copy may be stale.
+        _refuse_frozen(_locked(incident))
         incident.save(update_fields=changed)
         labels = [str(Incident._meta.get_field(name).verbose_name) for name in changed]
         add_entry(
@@ -214,7 +246,9 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
                 f"{'; '.join(gaps)}"
             )
         incident.status = status
-        incident.save(update_fields=["status"])
+        if status == IncidentStatus.CLOSED:
+            incident.closed_at = timezone.now()
+        incident.save(update_fields=["status", "closed_at"])
         add_entry(
             incident,
             EntryKind.STATUS,
@@ -233,9 +267,7 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
 def closing_gaps(incident: Incident, status: str) -> list[str]:
     """What the incident still lacks to move to ``status``: the post-mortem needs the recovered
     time (resolving sets it by itself; skipping past resolved does not); closing also needs
-    every checklist item passed and a root cause.
-
-    To come with action items: closing will also need at least one action item or a written
+    every checklist item passed, a root cause, and at least one action item or a written
     reason why none is needed."""
     reached = STATUS_ORDER.index(status)
     gaps = []
@@ -254,6 +286,8 @@ def closing_gaps(incident: Incident, status: str) -> list[str]:
         gaps.append(f"checklist items not passed: {', '.join(unpassed)}")
     if not incident.root_cause.strip():
         gaps.append("no root cause")
+    if not incident.no_action_items_reason.strip() and not incident.action_items.exists():
+        gaps.append("no action items and no reason why none are needed")
     return gaps
 
 
@@ -289,6 +323,7 @@ def set_timestamp(*, actor: Actor, incident: Incident, name: str, when: dt.datet
         raise InvalidRequest(f"{TIMESTAMP_LABELS[name]} cannot be in the future")
     with transaction.atomic():
         incident = _locked(incident)
+        _refuse_frozen(incident)
         _set_timestamp(actor, incident, name, when, automatic=False)
     return incident
 
@@ -318,6 +353,12 @@ def _set_timestamp(
     )
 
 
+def contact_channels(contact: EscalationContact) -> str:
+    """The contact's channels on one line."""
+    channels = [line.strip() for line in contact.reaches.splitlines() if line.strip()]
+    return ", ".join(channels) or "no channel recorded"
+
+
 def escalate(*, actor: Actor, incident: Incident, level: int, reason: str) -> Incident:
     """Change the escalation level (the runbook's path); up or down, always with a reason."""
     require_permission(actor, CHANGE_PERMISSION, "change incidents")
@@ -328,18 +369,31 @@ def escalate(*, actor: Actor, incident: Incident, level: int, reason: str) -> In
         raise InvalidRequest(f"escalation level must be 1 to 4, not {level!r}")
     with transaction.atomic():
         incident = _locked(incident)
+        _refuse_frozen(incident)
         before = incident.escalation_level
         if level == before:
             raise InvalidRequest(f"incident #{incident.pk} is already at level {level}")
         incident.escalation_level = level
         incident.save(update_fields=["escalation_level"])
         verb = "Escalated" if level > before else "De-escalated"
+        # Copied as it stands: editing the contact later must not change who was reached.
+        contact = EscalationContact.objects.filter(level=level).first()
+        if contact:
+            reached = f"; reaches {contact.team} ({contact_channels(contact)})"
+        else:
+            reached = "; no contact recorded for this level"
         add_entry(
             incident,
             EntryKind.ESCALATION,
-            f"{verb} to {EscalationLevel(level).label}: {reason}",
+            f"{verb} to {EscalationLevel(level).label}: {reason}{reached}",
             actor=actor,
-            details={"before": before, "after": level, "reason": reason},
+            details={
+                "before": before,
+                "after": level,
+                "reason": reason,
+                "team": contact.team if contact else None,
+                "reaches": contact.reaches if contact else None,
+            },
         )
     return incident
 
@@ -367,24 +421,240 @@ def correct_entry(*, actor: Actor, entry: TimelineEntry, text: str) -> TimelineE
     )
 
 
+def change_commander(*, actor: Actor, incident: Incident, commander) -> Incident:
+    """Hand the incident to another commander (who need not be the person who opened it)."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    if commander is None:
+        raise InvalidRequest("choose the new commander")
+    _require_commander(commander)
+    with transaction.atomic():
+        incident = _locked(incident)
+        _refuse_frozen(incident)
+        if incident.commander_id == commander.pk:
+            raise InvalidRequest(
+                f"{commander.get_username()} already commands incident #{incident.pk}"
+            )
+        before = incident.commander_name
+        incident.commander = commander
+        incident.commander_name = commander.get_username()
+        incident.save(update_fields=["commander", "commander_name"])
+        add_entry(
+            incident,
+            EntryKind.EDIT,
+            f"Commander: {before or 'nobody'} → {incident.commander_name}",
+            actor=actor,
+            details={"fields": ["commander"], "before": before, "after": incident.commander_name},
+        )
+    return incident
+
+
+# --- follow-ups ----------------------------------------------------------------------------
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+
+
+def _clean_link(link: str) -> str:
+    link = (link or "").strip()
+    if link:
+        try:
+            URLValidator(schemes=["http", "https"])(link)
+        except ValidationError:
+            raise InvalidRequest(f"the link must be an http(s) address, not {link!r}") from None
+    return link
+
+
+def _require_owner(owner) -> None:
+    if owner is None:
+        raise InvalidRequest("an action item needs an owner")
+    if not owner.is_active:
+        raise InvalidRequest(f"{owner.get_username()} is not an active user")
+
+
+def add_action_item(
+    *,
+    actor: Actor,
+    incident: Incident,
+    title: str,
+    kind: str,
+    owner,
+    due_date: dt.date | None = None,
+    link: str = "",
+) -> ActionItem:
+    """A follow-up with an owner; allowed after closing too, since follow-ups go on."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    title = (title or "").strip()
+    if not title:
+        raise InvalidRequest("an action item needs a title")
+    if kind not in ActionItemKind.values:
+        raise InvalidRequest(
+            f"unknown action item kind {kind!r} (one of {', '.join(ActionItemKind.values)})"
+        )
+    _require_owner(owner)
+    link = _clean_link(link)
+    with transaction.atomic():
+        incident = _locked(incident)
+        item = ActionItem.objects.create(
+            incident=incident,
+            title=title,
+            kind=kind,
+            owner=owner,
+            owner_name=owner.get_username(),
+            due_date=due_date,
+            link=link,
+            created_by=actor.name,
+        )
+        due = f", due {due_date.isoformat()}" if due_date else ""
+        add_entry(
+            incident,
+            EntryKind.ACTION_ITEM,
+            f"Action item #{item.pk} added ({item.get_kind_display().lower()}): {title}; "
+            f"owner {item.owner_name}{due}",
+            actor=actor,
+            details={
+                "action_item": item.pk,
+                "title": title,
+                "kind": kind,
+                "owner": item.owner_name,
+                "due_date": due_date.isoformat() if due_date else None,
+                "link": link,
+            },
+        )
+    return item
+
+
+def _shown(value) -> str:
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def update_action_item(
+    *,
+    actor: Actor,
+    item: ActionItem,
+    status=UNCHANGED,
+    due_date=UNCHANGED,
+    owner=UNCHANGED,
+    link=UNCHANGED,
+) -> ActionItem:
+    """Move a follow-up on: its status, due date, owner or link; each change is noted on the
+    timeline with what it was. Allowed after closing: that is not the post-mortem's text."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    if status is not UNCHANGED and status not in ActionItemStatus.values:
+        raise InvalidRequest(f"unknown action item status {status!r}")
+    if owner is not UNCHANGED:
+        _require_owner(owner)
+    if link is not UNCHANGED:
+        link = _clean_link(link)
+    with transaction.atomic():
+        _locked(item.incident)
+        item = ActionItem.objects.select_for_update().select_related("incident").get(pk=item.pk)
+        changes = {}  # label → (before, after) as the timeline shows them
+        fields = []
+        for label, name, value in [("status", "status", status), ("due", "due_date", due_date)]:
+            if value is not UNCHANGED and value != getattr(item, name):
+                before = getattr(item, name)
+                if name == "status":  # as people read it: "In progress", not "in_progress"
+                    changes[label] = (ActionItemStatus(before).label, ActionItemStatus(value).label)
+                else:
+                    changes[label] = (_shown(before), _shown(value))
+                setattr(item, name, value)
+                fields.append(name)
+        if owner is not UNCHANGED and owner.pk != item.owner_id:
+            changes["owner"] = (item.owner_name, owner.get_username())
+            item.owner, item.owner_name = owner, owner.get_username()
+            fields += ["owner", "owner_name"]
+        if link is not UNCHANGED and link != item.link:
+            changes["link"] = (_shown(item.link), _shown(link))
+            item.link = link
+            fields.append("link")
+        if not changes:
+            raise InvalidRequest(f"action item #{item.pk}: nothing to change")
+        item.save(update_fields=fields)
+        described = "; ".join(f"{label} {was} → {now}" for label, (was, now) in changes.items())
+        add_entry(
+            item.incident,
+            EntryKind.ACTION_ITEM,
+            f"Action item #{item.pk} ({item.title}): {described}",
+            actor=actor,
+            details={"action_item": item.pk, "changes": changes},
+        )
+    return item
+
+
+def add_addendum(*, actor: Actor, incident: Incident, text: str) -> PostmortemAddendum:
+    """What was learned after closing, appended to the frozen post-mortem. Before closing,
+    people edit the post-mortem itself."""
+    require_permission(actor, CHANGE_PERMISSION, "change incidents")
+    text = (text or "").strip()
+    if not text:
+        raise InvalidRequest("an addendum cannot be empty")
+    with transaction.atomic():
+        incident = _locked(incident)
+        if incident.status != IncidentStatus.CLOSED:
+            raise InvalidRequest(
+                f"incident #{incident.pk} is not closed: edit its post-mortem instead of "
+                "adding an addendum"
+            )
+        addendum = PostmortemAddendum.objects.create(
+            incident=incident, added_by=actor.name, text=text
+        )
+        add_entry(
+            incident,
+            EntryKind.ADDENDUM,
+            f"Post-mortem addendum #{addendum.pk}: {text}",
+            actor=actor,
+            details={"addendum": addendum.pk},
+        )
+    return addendum
+
+
 # --- the timeline writes itself ------------------------------------------------------------
+class IncidentNotFound(ServiceError):
+    pass
+
+
+def get_incident(incident_id: int) -> Incident:
+    """The incident an operation is asked for (``--incident N``, ``"incident": N``)."""
+    try:
+        return Incident.objects.get(pk=incident_id)
+    except Incident.DoesNotExist:
+        raise IncidentNotFound(f"no incident #{incident_id}") from None
+
+
 def _summary(value, limit: int = 300) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def record_operation(operation: Operation) -> list[TimelineEntry]:
-    """Note an operation, when requested and when finished, on every open incident that has
-    its target among the affected ones. Called by migrations_ops.services."""
-    incidents = Incident.objects.filter(
-        status__in=OPEN_STATUSES, affected_targets=operation.target_id
-    ).distinct()
+    """Note an operation, when requested and when finished, on the incident it serves (unless
+    closed) and on every open incident that has its target among the affected ones: once per
+    incident. Called by migrations_ops.services."""
+    affecting = Incident.affected_targets.through.objects.filter(
+        target_id=operation.target_id
+    ).values("incident_id")
+    incidents = (
+        Incident.objects.filter(
+            Q(status__in=OPEN_STATUSES, pk__in=affecting) | Q(pk=operation.incident_id)
+        )
+        .exclude(status=IncidentStatus.CLOSED)
+        .order_by("pk")
+    )
     what = f"operation #{operation.pk} ({operation.get_kind_display()}) on {operation.target.name}"
+    if operation.incident_id:
+        what += f" for incident #{operation.incident_id}"
     dry_run = " (dry run)" if operation.params.get("dry_run") else ""
     if operation.is_finished:
         who = f"worker:{operation.worker or 'local'}"
         text = (
-            f"{what.capitalize()}{dry_run} {operation.status}, requested by "
+            f"{what[:1].upper()}{what[1:]}{dry_run} {operation.status}, requested by "
             f"{operation.requested_by_name}"
         )
         if operation.error:
@@ -404,11 +674,12 @@ def record_operation(operation: Operation) -> list[TimelineEntry]:
     else:
         who = operation.requested_by_name
         text = (
-            f"{what.capitalize()}{dry_run} requested by {operation.requested_by_name} via "
+            f"{what[:1].upper()}{what[1:]}{dry_run} requested by {operation.requested_by_name} via "
             f"{operation.door} ({operation.get_status_display().lower()}): {operation.reason}"
         )
         details = {"status": operation.status, "reason": operation.reason}
     details["kind"] = operation.kind
+    details["incident"] = operation.incident_id
     return [
         add_entry(
             incident,
@@ -429,10 +700,14 @@ def _refuse_closed(incident: Incident) -> None:
 
 
 def _record_check(
-    actor: Actor, item: ChecklistItem, passed: bool, evidence: str, *, automatic: bool
+    actor: Actor, item: ChecklistItem, passed: bool | None, evidence: str, *, automatic: bool
 ) -> ChecklistItem:
+    """``passed`` None: checked in part, the rest for a person (the item stays pending)."""
     before = item.result
-    item.result = CheckResult.PASSED if passed else CheckResult.FAILED
+    if passed is None:
+        item.result = CheckResult.PENDING
+    else:
+        item.result = CheckResult.PASSED if passed else CheckResult.FAILED
     item.evidence = evidence
     item.checked_by = actor.name
     item.checked_at = timezone.now()
@@ -471,7 +746,15 @@ def tick_checklist_item(
         return _record_check(actor, item, passed, evidence, automatic=False)
 
 
-def _check_target(target: Target) -> dict[str, tuple[bool, str]]:
+def _check_health(target: Target) -> tuple[bool | None, str]:
+    """Ask the application's health URL (HEALTH_CHECK_TIMEOUT); None: it has none to ask."""
+    if not target.health_url:
+        return None, f"{target.name}: no health URL, for a person to check"
+    answer = health.probe(target.health_url, settings.HEALTH_CHECK_TIMEOUT)
+    return answer.ok, f"{target.name}: {answer.describe()}"
+
+
+def _check_target(target: Target) -> dict[str, tuple[bool | None, str]]:
     """One live read of the target (``read_target_status``): its lock, and its books compared
     with the imported scripts by the engine's ``verify_books``. Pending scripts are expected
     after a rollback and do not fail the books; anything else the comparison finds does."""
@@ -506,9 +789,10 @@ def _check_target(target: Target) -> dict[str, tuple[bool, str]]:
 
 
 def run_checks(*, actor: Actor, incident: Incident) -> list[ChecklistItem]:
-    """Fill the items the console checks by itself (AUTOMATIC_CHECKS) from a live read of every
-    affected target: an item passes only when it passes on all of them. The rest stay for a
-    person."""
+    """Fill the items the console checks by itself (AUTOMATIC_CHECKS, and HEALTH_CHECK when an
+    affected target has a health URL) from a live read of every affected target: an item
+    passes only when it passes on all of them, fails when it fails on one, and stays pending
+    when targets without a health URL are left for a person. The rest stay for a person."""
     require_permission(actor, CHANGE_PERMISSION, "change incidents")
     _refuse_closed(incident)
     targets = list(incident.affected_targets.order_by("name"))
@@ -518,14 +802,20 @@ def run_checks(*, actor: Actor, incident: Incident) -> list[ChecklistItem]:
         )
     # Read outside the transaction: a slow target must not hold the incident's row.
     results = [_check_target(target) for target in targets]
+    keys = list(AUTOMATIC_CHECKS)
+    if any(target.health_url for target in targets):
+        keys.append(HEALTH_CHECK)
+        for target, result in zip(targets, results, strict=True):
+            result[HEALTH_CHECK] = _check_health(target)
     with transaction.atomic():
         incident = _locked(incident)
         _refuse_closed(incident)
         items = []
-        for key in AUTOMATIC_CHECKS:
+        for key in keys:
             item = ChecklistItem.objects.select_for_update().get(incident=incident, key=key)
             item.incident = incident
-            passed = all(result[key][0] for result in results)
+            verdicts = [result[key][0] for result in results]
+            passed = False if False in verdicts else None if None in verdicts else True
             evidence = "; ".join(result[key][1] for result in results)
             items.append(_record_check(actor, item, passed, evidence, automatic=True))
     return items

@@ -163,6 +163,7 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
                     reason=form.cleaned_data["reason"],
                     release_fresh=form.cleaned_data["release_fresh"],
                     confirm_name=form.cleaned_data.get("confirm_name"),
+                    incident=form.cleaned_data["incident"],
                 )
             except services.ServiceError as error:
                 form.add_error(None, error_with_link(error))
@@ -236,6 +237,7 @@ class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
     fields = [
         "kind",
         "target",
+        "incident",
         "status",
         "requested_by_name",
         "door",

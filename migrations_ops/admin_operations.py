@@ -15,6 +15,7 @@ from django.utils.html import format_html
 
 from migrations_ops import engine, selectors, services
 from migrations_ops.actors import Actor
+from migrations_ops.forms import add_incident_field
 from migrations_ops.models import Door, OperationKind, Target
 
 
@@ -87,6 +88,7 @@ class TargetOperationForm(forms.Form):
                 widget=forms.RadioSelect,
                 help_text="Changes only the books: no SQL runs.",
             )
+        add_incident_field(self, target)
 
 
 def warn_if_broker_down(model_admin, request, operation) -> None:
@@ -106,7 +108,12 @@ def error_with_link(error: services.ServiceError):
 
 def request_operation(actor: Actor, target: Target, action: TargetAction, data: dict):
     """Hand the confirmed form to the service that owns the operation."""
-    common = {"actor": actor, "target": target, "reason": data.get("reason", "")}
+    common = {
+        "actor": actor,
+        "target": target,
+        "reason": data.get("reason", ""),
+        "incident": data.get("incident"),
+    }
     confirm = data.get("confirm_name")
     if action.kind == "apply":
         return services.request_apply(

@@ -10,6 +10,8 @@ from django.http import JsonResponse
 from django.urls import reverse
 from django.utils import timezone
 
+from incidents import services as incident_services
+from incidents.models import Incident
 from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
@@ -20,6 +22,7 @@ ERROR_STATUS = [
     (services.PermissionDenied, 403, "forbidden"),
     (services.TargetNotFound, 404, "unknown_target"),
     (services.OperationNotFound, 404, "unknown_operation"),
+    (incident_services.IncidentNotFound, 404, "unknown_incident"),
     (services.TargetUnavailable, 503, "target_unavailable"),
     (services.ServiceError, 409, "conflict"),
 ]
@@ -69,6 +72,16 @@ def json_object_body(view):
     return wrapper
 
 
+def incident_from(body: dict) -> Incident | None:
+    """The incident a request names (``"incident": N``), if any."""
+    number = body.get("incident")
+    if number is None:
+        return None
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise services.InvalidRequest("incident must be an incident number, such as 12")
+    return incident_services.get_incident(number)
+
+
 def staff_api(permission: str):
     """A logged-in staff session holding ``permission``; JSON 401/403 otherwise."""
 
@@ -112,7 +125,8 @@ def migrations_status(request):
 @json_object_body
 def force_unlock(request, name: str, body: dict):
     """Request the release of a target's lock: ``{"reason": "...", "release_fresh": false,
-    "confirm_name": "..."}``. Answers 202 with the operation; poll its ``url``."""
+    "confirm_name": "...", "incident": 12}`` (``incident``, optional: the number of the incident
+    it serves). Answers 202 with the operation; poll its ``url``."""
     try:
         target = services.get_target(name)
         operation = services.request_force_unlock(
@@ -121,6 +135,7 @@ def force_unlock(request, name: str, body: dict):
             reason=str(body.get("reason") or ""),
             release_fresh=body.get("release_fresh") is True,
             confirm_name=str(body.get("confirm_name") or ""),
+            incident=incident_from(body),
         )
     except services.ServiceError as error:
         return service_error(error)

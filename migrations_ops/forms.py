@@ -1,5 +1,7 @@
 from django import forms
 
+from incidents.models import Incident
+from incidents.selectors import incidents_to_serve
 from migrations_ops.models import TARGET_SETTINGS, Environment, Target
 
 
@@ -13,6 +15,13 @@ class TargetForm(forms.ModelForm):
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off", "size": 80}),
         help_text="postgresql://user:password@host:5432/db or sqlite:////absolute/path.sqlite3. "
         "Never shown again; leave blank to keep the current one.",
+    )
+    # Declared for its scheme: a health URL typed without one is taken as https.
+    health_url = forms.URLField(
+        label="Health URL",
+        required=False,
+        assume_scheme="https",
+        help_text=Target._meta.get_field("health_url").help_text,
     )
 
     class Meta:
@@ -66,3 +75,30 @@ class ForceUnlockForm(forms.Form):
             self.fields["confirm_name"].help_text = f"{target.name} is a production target."
         else:
             del self.fields["confirm_name"]
+        add_incident_field(self, target)
+
+
+def add_incident_field(form: forms.Form, target: Target) -> None:
+    """Every operation's optional "Incident" choice: the incidents not closed, those affecting
+    the target first, the only open one affecting it chosen already. Any incident validates,
+    so one closed since the page was shown meets the service's refusal, not a vague error."""
+    offered = incidents_to_serve(target)
+    field = forms.ModelChoiceField(
+        queryset=Incident.objects.all(),
+        required=False,
+        label="Incident",
+        help_text="The incident this operation serves: it appears on that incident's timeline.",
+    )
+    field.choices = [
+        ("", "none"),
+        *((incident.pk, _incident_label(incident, target)) for incident in offered),
+    ]
+    open_here = [incident for incident in offered if incident.affects_target and incident.is_open]
+    if len(open_here) == 1:
+        field.initial = open_here[0].pk
+    form.fields["incident"] = field
+
+
+def _incident_label(incident: Incident, target: Target) -> str:
+    affects = f", affects {target.name}" if incident.affects_target else ""
+    return f"#{incident.pk} {incident.title} ({incident.get_status_display().lower()}{affects})"

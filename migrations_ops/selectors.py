@@ -11,6 +11,7 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from incidents.models import OPEN_STATUSES
 from migrations_ops.models import AlertThresholds as AlertThresholdsRow
 from migrations_ops.models import (
     AuditEvent,
@@ -129,6 +130,7 @@ def operation_report(operation: Operation) -> dict[str, Any]:
         "requested_by": operation.requested_by_name,
         "door": operation.door,
         "reason": operation.reason,
+        "incident": operation.incident_id,
         "requested_at": iso(operation.requested_at),
         "started_at": iso(operation.started_at),
         "finished_at": iso(operation.finished_at),
@@ -212,9 +214,8 @@ def fleet_overview(
     the oldest lock; then the name), from what the console already knows: the last lock
     observation, the imported scripts, the last successful verify (applied and pending as it
     found them: the console keeps no list of applied migrations) and the operations of the
-    past 24 h. Four queries however many targets there are, and no connection to any target.
-
-    Open incidents are ``None`` (shown as "—") until the incidents app has incidents to count.
+    past 24 h, and the open incidents (OPEN_STATUSES) with the target among the affected ones.
+    Four queries however many targets there are, and no connection to any target.
     """
     now = now or timezone.now()
     thresholds = thresholds or AlertThresholds.current()
@@ -227,11 +228,21 @@ def fleet_overview(
         .annotate(count=Count("pk"))
         .values("count")
     )
+    open_incidents = (
+        Target.incidents.through.objects.filter(
+            target=OuterRef("pk"), incident__status__in=OPEN_STATUSES
+        )
+        .order_by()
+        .values("target")
+        .annotate(count=Count("pk"))
+        .values("count")
+    )
     targets = list(
         Target.objects.select_related("lock_observation")
         .defer("connection_url")  # a secret, and this page has no use for it
         .annotate(
             script_count=Coalesce(Subquery(scripts, output_field=IntegerField()), 0),
+            open_incident_count=Coalesce(Subquery(open_incidents, output_field=IntegerField()), 0),
             last_operation_id=Subquery(newest.values("pk")[:1]),
             last_verify_id=Subquery(
                 newest.filter(kind=OperationKind.VERIFY, status=OperationStatus.SUCCEEDED).values(
@@ -338,7 +349,7 @@ def _fleet_row(
         }
         if last is not None
         else None,
-        "open_incidents": None,
+        "open_incidents": target.open_incident_count,
     }
 
 

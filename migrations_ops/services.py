@@ -18,10 +18,11 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db import connection as console_connection
-from django.db.models import Max, Q
+from django.db.models import Case, DateTimeField, F, Max, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from incidents.models import Incident, IncidentStatus
 from migrations_ops import engine
 from migrations_ops.actors import Actor
 from migrations_ops.models import (
@@ -136,6 +137,7 @@ def register_target(
     schema: str = "",
     lock_timeout_seconds: int = 60,
     requires_approval: bool | None = None,
+    health_url: str = "",
 ) -> Target:
     """Register a target; production targets start under the two-person rule."""
     target = Target(
@@ -145,6 +147,7 @@ def register_target(
         environment=environment,
         schema=schema,
         lock_timeout_seconds=lock_timeout_seconds,
+        health_url=health_url,
         requires_approval=(
             environment == Environment.PRODUCTION
             if requires_approval is None
@@ -206,16 +209,15 @@ def save_alert_thresholds(
 
 
 # --- reading a target (a write to the console: every read updates the lock observation) --------
-# Target connections kept open between lock reads and releases in this process: a new
-# PostgreSQL connection costs a few milliseconds, several times the work done on it.
+# Target connections kept open between uses in this process: a new PostgreSQL connection
+# costs a few milliseconds, several times the work done on it.
 _kept_target_connections = engine.connection.ConnectionCache()
 
 
-def open_target(target: Target, *, keep: bool = False):
-    """A connection to the target. ``keep``: one kept open for reuse (see TARGET_KEEP_CONNECTIONS)
-    -- only for work that runs the console's own statements and changes no session state (no
-    SET, temporary table or session lock), never for a migration's SQL."""
-    kept = keep and settings.TARGET_KEEP_CONNECTIONS
+def open_target(target: Target):
+    """A connection to the target: a kept one (see TARGET_KEEP_CONNECTIONS), whose session is
+    reset before it is lent, so a migration's SQL may run on it too; or else a new one."""
+    kept = settings.TARGET_KEEP_CONNECTIONS
     return (_kept_target_connections.connect if kept else engine.connect)(
         target.connection_url,
         schema=target.schema or None,
@@ -228,7 +230,7 @@ def read_target_status(target: Target, *, include_applied: bool = True) -> Targe
     """Read the lock (and applied migrations) live from the target and remember the lock."""
     convention = engine.get_convention(target.convention)
     try:
-        with open_target(target, keep=True) as connection:
+        with open_target(target) as connection:
             lock = convention.read_lock(connection)
             # read_lock has checked the tables
             applied = (
@@ -247,28 +249,58 @@ def observe_lock(
     """Remember what a read found. ``first_seen_held_at`` survives only while the same lock is
     seen again and again; after a failed read or a different lock row the clock restarts, so a
     lock is never thought older than it can be shown to be."""
-    now = timezone.now()
-    with transaction.atomic():
-        observation, _ = LockObservation.objects.select_for_update().get_or_create(target=target)
-        if lock is None:
-            observation.held = None
-            observation.first_seen_held_at = None
-            observation.error = error
-        else:
-            same_lock = observation.held and observation.rows == lock.rows
-            observation.held = lock.held
-            observation.rows = lock.rows
-            observation.holder = lock.holder or ""
-            observation.locked_at = lock.locked_at
-            observation.error = ""
-            if not lock.held:
-                observation.first_seen_held_at = None
-            elif not same_lock or observation.first_seen_held_at is None:
-                observation.first_seen_held_at = now
-        observation.observed_at = now
-        observation.save()
+    written = _record_observation(target, lock, error=error)
+    if written is None:
+        observation = LockObservation.objects.get(target=target)
+    else:
+        observation = LockObservation(**written)
     observation.target = target
     return observation
+
+
+def _record_observation(
+    target: Target, lock: engine.LockState | None, *, error: str = ""
+) -> dict | None:
+    """``observe_lock`` in one UPDATE that compares with the row as it is, so readers of the
+    same target at once apply their reads in turn, with no transaction of its own (it joins
+    the caller's). Returns the row's fields when the read alone decides them all (a free
+    lock), else None: what a held lock's clock or a failed read keeps is in the row."""
+    now = timezone.now()
+    if lock is None:
+        changes = {"held": None, "first_seen_held_at": None, "error": error}
+        first_seen = None
+    else:
+        first_seen = now if lock.held else None
+        changes = {
+            "held": lock.held,
+            "rows": lock.rows,
+            "holder": lock.holder or "",
+            "locked_at": lock.locked_at,
+            "error": "",
+            "first_seen_held_at": first_seen,
+        }
+    changes["observed_at"] = now
+    update = changes
+    if first_seen is not None:
+        update = changes | {
+            "first_seen_held_at": Case(
+                When(
+                    held=True,
+                    rows=lock.rows,
+                    first_seen_held_at__isnull=False,
+                    then=F("first_seen_held_at"),
+                ),
+                default=Value(now, output_field=DateTimeField()),
+            )
+        }
+    observations = LockObservation.objects.filter(target=target)
+    if not observations.update(**update):
+        try:
+            with transaction.atomic():  # the target's first read
+                LockObservation.objects.create(target=target, **changes)
+        except IntegrityError:  # another reader's first read came first
+            observations.update(**update)
+    return {"target": target, **changes} if lock is not None and not lock.held else None
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -279,6 +311,7 @@ def request_force_unlock(
     reason: str,
     release_fresh: bool = False,
     confirm_name: str | None = None,
+    incident: Incident | None = None,
 ) -> Operation:
     """Ask for the target's migration lock to be released; the work runs as a Celery task.
 
@@ -309,6 +342,7 @@ def request_force_unlock(
             "expected_rows": observation.rows,
             "lock_state": state,
         },
+        incident=incident,
     )
 
 
@@ -340,8 +374,15 @@ def needs_approval(actor: Actor, target: Target, kind: str, params: dict) -> boo
 
 
 def _create_operation(
-    *, actor: Actor, target: Target, kind: str, reason: str, params: dict
+    *,
+    actor: Actor,
+    target: Target,
+    kind: str,
+    reason: str,
+    params: dict,
+    incident: Incident | None = None,
 ) -> Operation:
+    """Write the operation and its audit event; ``incident``: the one it serves, if any."""
     awaiting = needs_approval(actor, target, kind, params)
     operation = Operation(
         kind=kind,
@@ -352,10 +393,12 @@ def _create_operation(
         door=actor.door,
         reason=reason,
         params=params,
+        incident=incident,
         log=_log_line(f"requested by {actor.name} via {actor.door}: {reason}"),
     )
     try:
         with transaction.atomic():
+            _refuse_closed_incident(incident)
             operation.save()
             record_audit_event(
                 actor,
@@ -367,6 +410,7 @@ def _create_operation(
                     "reason": reason,
                     "params": params,
                     "awaiting_approval": awaiting,
+                    "incident": incident.pk if incident else None,
                 },
             )
             _note_on_incidents(operation)
@@ -386,6 +430,25 @@ def _create_operation(
             operation_id=active.pk,
         ) from None
     return operation
+
+
+def _refuse_closed_incident(incident: Incident | None) -> None:
+    """An operation may serve any incident not yet closed. Its row is locked until the
+    operation is written, so the incident cannot close in between."""
+    if incident is None:
+        return
+    status = (
+        Incident.objects.select_for_update()
+        .filter(pk=incident.pk)
+        .values_list("status", flat=True)
+        .first()
+    )
+    if status is None:
+        raise InvalidRequest(f"unknown incident #{incident.pk}")
+    if status == IncidentStatus.CLOSED:
+        raise InvalidRequest(
+            f"incident #{incident.pk} is closed: operations can no longer be linked to it"
+        )
 
 
 # --- the two-person rule ---------------------------------------------------------------------
@@ -630,7 +693,7 @@ def _time_limit_error(operation: Operation) -> str:
 def _run_force_unlock(operation: Operation, log: list[str]) -> dict:
     target = operation.target
     convention = engine.get_convention(target.convention)
-    with open_target(target, keep=True) as connection:
+    with open_target(target) as connection:
         log.append(_log_line(f"connected to {target.name} ({target.dialect})"))
         before, after = convention.release_lock(
             connection, expected_rows=operation.params.get("expected_rows")
@@ -654,17 +717,13 @@ def _finish(
     log.append(_log_line(f"{status}{': ' + error if error else ''}"))
     claimed_log = operation.log  # as claimed: the heartbeat may have written part of ``log``
     with transaction.atomic():
-        # With its target (record_audit_event reads it); only the operation row is locked.
-        operation = (
-            Operation.objects.select_for_update(of=("self",))
-            .select_related("target")
-            .get(pk=operation.pk)
-        )
         operation.status = status
         operation.finished_at = finished_at
         operation.result = result or {}
         operation.error = error
         operation.log = claimed_log + "".join(log)
+        # The operation as claimed, with its target, is all the rest needs: no read back. The
+        # UPDATE locks the row until the commit, so the heartbeat skips its beats meanwhile.
         operation.save(update_fields=["status", "finished_at", "result", "error", "log"])
         record_audit_event(
             Actor.worker(operation.worker),
@@ -681,8 +740,17 @@ def _note_on_incidents(operation: Operation) -> None:
     """Put the operation on the open incidents' timelines. A failure there is logged and
     never fails or undoes the operation (the savepoint keeps the rest of the transaction)."""
     try:
-        from incidents.services import record_operation  # incidents builds on this module
+        # incidents builds on this module
+        from incidents.models import OPEN_STATUSES, Incident
+        from incidents.services import record_operation
 
+        # record_operation notes only on the incident the operation serves and on open
+        # incidents: with neither, as most of the time, spare its query and the savepoint.
+        if (
+            operation.incident_id is None
+            and not Incident.objects.filter(status__in=OPEN_STATUSES).exists()
+        ):
+            return
         with transaction.atomic():
             record_operation(operation)
     except Exception:
@@ -1009,8 +1077,11 @@ def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScri
     )
 
 
-def engine_scripts(target: Target) -> list[engine.MigrationScript]:
-    """The target's stored scripts in the engine's own shape."""
+def engine_scripts(target: Target, *, version: str | None = None) -> list[engine.MigrationScript]:
+    """The target's stored scripts in the engine's own shape; only ``version``'s if given."""
+    rows = target.scripts.order_by("version")
+    if version is not None:
+        rows = rows.filter(version=version)
     return [
         engine.MigrationScript(
             version=row.version,
@@ -1027,7 +1098,7 @@ def engine_scripts(target: Target) -> list[engine.MigrationScript]:
             needs_no_transaction=tuple(row.needs_no_transaction),
             checksum=row.checksum,
         )
-        for row in target.scripts.order_by("version")
+        for row in rows
     ]
 
 
@@ -1088,6 +1159,7 @@ def request_apply(
     dry_run: bool = False,
     non_transactional: bool = False,
     confirm_name: str | None = None,
+    incident: Incident | None = None,
 ) -> Operation:
     """Apply pending migrations (all, or up to ``to_version``), or preview them (dry run)."""
     if dry_run:
@@ -1119,6 +1191,7 @@ def request_apply(
             "versions": [script.version for script in chosen],
             "migrations": [script.filename for script in chosen],
         },
+        incident=incident,
     )
 
 
@@ -1132,6 +1205,7 @@ def request_rollback(
     out_of_order: bool = False,
     non_transactional: bool = False,
     confirm_name: str | None = None,
+    incident: Incident | None = None,
 ) -> Operation:
     """Roll back one migration: the latest applied unless ``version`` (older ones need
     ``out_of_order``). Its down SQL and the removal of its book entry run in one transaction."""
@@ -1162,6 +1236,7 @@ def request_rollback(
             "out_of_order": out_of_order,
             "non_transactional": non_transactional,
         },
+        incident=incident,
     )
 
 
@@ -1173,6 +1248,7 @@ def request_mark(
     reason: str,
     applied: bool,
     confirm_name: str | None = None,
+    incident: Incident | None = None,
 ) -> Operation:
     """Fix the books without running SQL (the runbook's "reset migration tracking")."""
     require_permission(actor, "migrations_ops.fix_books", "fix the books")
@@ -1180,7 +1256,7 @@ def request_mark(
     _require_confirmation(target, confirm_name, "confirm the change to its books")
     books = _live_books(target)
     if applied:
-        script = next((s for s in engine_scripts(target) if s.version == version), None)
+        script = next(iter(engine_scripts(target, version=version)), None)
         if script is None:
             raise ServiceError(f"unknown version {version} for {target.name}: import it first")
         if engine.plan.applied_for(script, books) is not None:
@@ -1200,10 +1276,13 @@ def request_mark(
         kind=kind,
         reason=reason,
         params={"version": version, **params},
+        incident=incident,
     )
 
 
-def request_verify(*, actor: Actor, target: Target, reason: str = "") -> Operation:
+def request_verify(
+    *, actor: Actor, target: Target, reason: str = "", incident: Incident | None = None
+) -> Operation:
     require_permission(actor, "migrations_ops.verify_target", "verify targets")
     return _create_operation(
         actor=actor,
@@ -1211,11 +1290,17 @@ def request_verify(*, actor: Actor, target: Target, reason: str = "") -> Operati
         kind=OperationKind.VERIFY,
         reason=(reason or "").strip() or "verify",
         params={},
+        incident=incident,
     )
 
 
 def request_cleanup(
-    *, actor: Actor, target: Target, reason: str, confirm_name: str | None = None
+    *,
+    actor: Actor,
+    target: Target,
+    reason: str,
+    confirm_name: str | None = None,
+    incident: Incident | None = None,
 ) -> Operation:
     """The runbook's ``migrate:cleanup``: a stale lock row goes, a malformed lock table is
     repaired; a lock still within its timeout is left alone."""
@@ -1224,7 +1309,12 @@ def request_cleanup(
     _require_confirmation(target, confirm_name, "confirm the cleanup")
     _live_books(target)
     return _create_operation(
-        actor=actor, target=target, kind=OperationKind.CLEANUP, reason=reason, params={}
+        actor=actor,
+        target=target,
+        kind=OperationKind.CLEANUP,
+        reason=reason,
+        params={},
+        incident=incident,
     )
 
 
@@ -1276,7 +1366,8 @@ def _run_rollback(operation: Operation, log: list[str]) -> dict:
         try:
             entry, script = engine.plan.rollback_choice(
                 applied,
-                engine_scripts(target),
+                # The script chosen at the request (a target may keep hundreds).
+                engine_scripts(target, version=params["version"]),
                 params["version"],
                 out_of_order=params.get("out_of_order", False),
             )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.urls import path
 
+from incidents import reports
+from incidents.models import OPEN_STATUSES, Incident
 from migrations_ops import selectors
 from migrations_ops.models import Operation, Target
 
@@ -18,11 +21,30 @@ class OpsAdminSite(admin.AdminSite):
         context = {"fleet": fleet} if fleet is not None else {}
         return super().index(request, {**context, **(extra_context or {})})
 
+    def get_urls(self):
+        # Ahead of the site's own: its catch-all would take these paths.
+        report_urls = [
+            path(
+                "incidents/reports/objectives/",
+                self.admin_view(reports.objectives_report),
+                {"site": self},
+                name="incidents_objectives_report",
+            ),
+            path(
+                "incidents/reports/lessons/",
+                self.admin_view(reports.lessons_learned),
+                {"site": self},
+                name="incidents_lessons_learned",
+            ),
+        ]
+        return [*report_urls, *super().get_urls()]
+
     def fleet_context(self, request) -> dict | None:
         target_admin = self._registry.get(Target)
         if target_admin is None or not target_admin.has_view_permission(request):
             return None
         operation_admin = self._registry.get(Operation)
+        incident_admin = self._registry.get(Incident)
         thresholds = selectors.AlertThresholds.current()
         rows = selectors.fleet_overview(thresholds=thresholds)
         observed = [row for row in rows if row["observed_at"] is not None]
@@ -34,4 +56,7 @@ class OpsAdminSite(admin.AdminSite):
             "never_observed": [row["name"] for row in rows if row["observed_at"] is None],
             "can_view_operations": operation_admin is not None
             and operation_admin.has_view_permission(request),
+            "can_view_incidents": incident_admin is not None
+            and incident_admin.has_view_permission(request),
+            "open_statuses": ",".join(OPEN_STATUSES),
         }

@@ -162,10 +162,13 @@ CELERY_BEAT_SCHEDULE = {
 TARGET_CONNECT_TIMEOUT = env.int("TARGET_CONNECT_TIMEOUT", default=5)
 # Upper bound for any single statement the console runs on a target while reading or unlocking.
 TARGET_STATEMENT_TIMEOUT = env.int("TARGET_STATEMENT_TIMEOUT", default=10)
-# Keep PostgreSQL target connections open for lock reads and releases (each process keeps at
-# most 8, none idle over 60 s or older than 5 min, each checked alive before reuse).
+# Keep PostgreSQL target connections open for reuse by every read and operation (each process
+# keeps at most 8, none idle over 60 s or older than 5 min; before reuse each is checked alive
+# and its session reset with DISCARD ALL, so nothing a migration SET is carried over).
 # False: connect every time.
 TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
+# Seconds an application's health URL (Target.health_url) has to answer an incident's checks.
+HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=5)
 
 LOGGING = {
     "version": 1,

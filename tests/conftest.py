@@ -82,3 +82,13 @@ def roles(db):
 
     ContentType.objects.clear_cache()  # ids cached before a flush point at deleted rows
     sync_roles(apps)
+
+
+@pytest.fixture
+def health_server():
+    """A real local HTTP server (tests/health_server.py): /ok 200, /down 503, /slow 200 after
+    SLOW_SECONDS, /moved a redirect to /ok. Yields its base URL."""
+    from tests.health_server import serve
+
+    with serve() as url:
+        yield url

@@ -180,19 +180,30 @@ def _connect_postgresql(
             autocommit=True,
             connect_timeout=max(1, connect_timeout),
             application_name="opsconsole",
+            # Set at start-up, these are what RESET ALL (and so a kept connection's reset)
+            # returns to.
             options=f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
             # A send the server never acknowledges (a dead network) fails after this long,
-            # which no server-side timeout can ensure: so a kept connection's ping, too.
+            # which no server-side timeout can ensure: so a kept connection's reset, too.
             tcp_user_timeout=max(1, connect_timeout) * 1000,
+            # No server-side prepared statements: psycopg would prepare a kept connection's
+            # DISCARD ALL after five resets, and that statement then drops itself.
+            prepare_threshold=None,
         )
     except psycopg.Error as error:
         raise TargetUnreachable(
             f"cannot connect to target: {one_line(error, password_of(url))}"
         ) from None
     connection = TargetConnection(raw, "postgresql", schema)
-    if schema:
-        raw.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    _set_search_path(connection)
     return connection
+
+
+def _set_search_path(connection: TargetConnection) -> None:
+    if connection.schema:
+        connection.raw.execute(
+            sql.SQL("SET search_path TO {}").format(sql.Identifier(connection.schema))
+        )
 
 
 def _connect_sqlite(url: str, schema: str | None, statement_timeout: int) -> TargetConnection:
@@ -218,9 +229,12 @@ class ConnectionCache:
       never share one.
     - It is given back only after a clean exit, idle in autocommit with no transaction open; a
       connection that saw any error is closed.
-    - Before it is lent again it is pinged (an empty query, one round trip): one the server
-      dropped is replaced by a new connection, so a restarted target costs a reconnect, not a
-      failure.
+    - Before it is lent again its session is reset to how a new connection starts (DISCARD
+      ALL, then the schema's search_path): whatever the last borrower left -- a SET, SET ROLE,
+      a temporary table, a prepared statement, a session-level advisory lock, LISTEN -- is
+      gone, so even a migration's own SQL may run on it. That round trip is also the liveness
+      check: one the server dropped is replaced by a new connection, so a restarted target
+      costs a reconnect, not a failure.
     - It is keyed by everything that shapes the session (URL, schema, timeouts), so a changed
       URL or schema never reuses an old session.
     - At most ``max_idle`` connections stay open in all. One idle longer than
@@ -230,10 +244,6 @@ class ConnectionCache:
     - After a fork the child forgets the parent's connections without closing them (closing
       would end the parent's sessions too).
     - SQLite files are opened anew every time, as before: that costs microseconds.
-
-    It cannot see session state a borrower leaves behind (a SET, a temporary table, a
-    session-level advisory lock): lend kept connections only to work that leaves none, such as
-    the console's own lock reads and releases, never to a migration's SQL.
     """
 
     def __init__(
@@ -303,7 +313,7 @@ class ConnectionCache:
                 connection.close()
             if found is None:
                 return None
-            if _alive(found[1]):
+            if _reset(found[1]):
                 return found
             found[1].close()
 
@@ -343,9 +353,14 @@ def _reusable(connection: TargetConnection) -> bool:
     )
 
 
-def _alive(connection: TargetConnection) -> bool:
+def _reset(connection: TargetConnection) -> bool:
+    """Return a kept connection's session to its start (see ``ConnectionCache``); False when
+    the connection is dead or could not be reset, and must be closed."""
     try:
-        connection.raw.execute("")
+        # Also ends session-level advisory locks, temporary tables, SET ROLE and LISTEN; the
+        # timeouts go back to those set at start-up, search_path to the server's default.
+        connection.raw.execute("DISCARD ALL")
+        _set_search_path(connection)
     except psycopg.Error:
         return False
     return _reusable(connection)

@@ -1,6 +1,7 @@
 """The checklist items the console checks by itself, from a live read of real targets."""
 
 import datetime as dt
+import re
 
 import pytest
 from django.contrib.auth.models import Group
@@ -13,6 +14,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.models import Door
 from migrations_ops.roles import INCIDENT_COMMANDER
 from tests.factories import TargetFactory, UserFactory
+from tests.health_server import refused_url
 from tests.scripts_folder import EMAIL, USERS, write_folder
 
 pytestmark = pytest.mark.django_db
@@ -125,3 +127,98 @@ def test_commander_runs_checks_from_the_admin_and_sees_the_checklist(client, bil
     body = page.content.decode()
     assert "billing: lock held by deploy-7f3a (pid 4121)" in body
     assert "No migration attempts in logs" in body
+
+
+# --- API endpoints responding: the targets' health URLs ---------------------------------------
+def api_item(incident):
+    item = incident.checklist.get(key=ChecklistKey.API_RESPONDING)
+    return item.result, item.evidence, item.automatic
+
+
+@pytest.mark.parametrize(
+    ("path", "result", "said"),
+    [
+        ("/ok", "passed", r"answered 200 in \d+ ms"),
+        ("/down", "failed", r"answered 503 in \d+ ms"),
+        ("/slow", "failed", r"did not answer within 0\.3 s"),
+    ],
+)
+def test_run_checks_asks_the_health_url(
+    commander, billing, health_server, settings, path, result, said
+):
+    settings.HEALTH_CHECK_TIMEOUT = 0.3
+    billing.db.create_runbook_books()
+    billing.health_url = f"{health_server}{path}"
+    billing.save()
+    incident = open_on(commander, billing)
+
+    items = services.run_checks(actor=commander, incident=incident)
+
+    assert [item.key for item in items] == [
+        ChecklistKey.NO_STUCK_LOCKS,
+        ChecklistKey.TRACKING_CONSISTENT,
+        ChecklistKey.API_RESPONDING,
+    ]
+    found, evidence, automatic = api_item(incident)
+    assert (found, automatic) == (result, True)
+    assert re.fullmatch(rf"billing: {re.escape(billing.health_url)} {said}", evidence), evidence
+    entry = incident.timeline.filter(kind=EntryKind.CHECKLIST).last()
+    assert entry.text == f"Checklist: API endpoints responding {result} (automatically): {evidence}"
+
+
+def test_a_refused_connection_fails_the_item(commander, billing):
+    billing.db.create_runbook_books()
+    billing.health_url = refused_url()
+    billing.save()
+    incident = open_on(commander, billing)
+
+    services.run_checks(actor=commander, incident=incident)
+
+    assert api_item(incident) == (
+        "failed",
+        f"billing: {billing.health_url} refused the connection",
+        True,
+    )
+
+
+def test_without_a_health_url_the_item_stays_for_a_person(commander, billing):
+    billing.db.create_runbook_books()
+    incident = open_on(commander, billing)
+
+    items = services.run_checks(actor=commander, incident=incident)
+
+    assert ChecklistKey.API_RESPONDING not in [item.key for item in items]
+    assert api_item(incident) == ("pending", "", False)
+    assert incident.timeline.filter(kind=EntryKind.CHECKLIST).count() == 2
+
+
+def test_targets_without_a_health_url_leave_a_passing_item_pending(
+    commander, billing, health_server
+):
+    billing.db.create_runbook_books()
+    billing.health_url = f"{health_server}/ok"
+    billing.save()
+    orders = TargetFactory(name="orders")
+    incident = services.open_incident(
+        actor=commander,
+        title="two apps",
+        scenario=Scenario.MIGRATION_FAILURE,
+        severity="sev2",
+        targets=[billing, orders],
+    )
+
+    services.run_checks(actor=commander, incident=incident)
+
+    result, evidence, automatic = api_item(incident)
+    assert (result, automatic) == ("pending", True)
+    assert re.fullmatch(
+        rf"billing: {re.escape(billing.health_url)} answered 200 in \d+ ms; "
+        r"orders: no health URL, for a person to check",
+        evidence,
+    ), evidence
+
+    # One failing endpoint fails the item, whatever the others.
+    billing.health_url = f"{health_server}/down"
+    billing.save()
+    services.run_checks(actor=commander, incident=incident)
+    assert api_item(incident)[0] == "failed"

@@ -6,6 +6,7 @@ import re
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from migrations_ops import services
 from migrations_ops.models import (
@@ -15,7 +16,7 @@ from migrations_ops.models import (
     Operation,
     OperationStatus,
 )
-from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
+from tests.factories import ON_CALL_PERMISSIONS, IncidentFactory, TargetFactory, UserFactory
 from tests.targets import new_sqlite_target
 
 pytestmark = pytest.mark.django_db
@@ -783,3 +784,140 @@ def test_the_user_is_told_when_the_broker_is_down(oncall, pg_target):
     assert "The task broker could not be reached: the operation stays queued" in page
     assert AuditEvent.objects.filter(operation=operation, action="operation.send_failed").exists()
     assert len(pg_target.runbook_lock_rows()) == 1
+
+
+# --- the incident an operation serves ------------------------------------------------------------
+def incident_on(target, status="detected", *, hours_ago=1, title=None):
+    incident = IncidentFactory(
+        status=status,
+        opened_at=timezone.now() - dt.timedelta(hours=hours_ago),
+        **({"title": title} if title else {}),
+    )
+    if target is not None:
+        incident.affected_targets.add(target)
+    return incident
+
+
+def incident_options(markup: str) -> list[tuple[str, bool, str]]:
+    """(value, selected, label) of each option of the form's Incident choice, in order."""
+    select = re.search(r'<select name="incident"[^>]*>(.*?)</select>', markup, re.DOTALL)
+    assert select, "no Incident choice on the page"
+    return [
+        (value, bool(selected), html.unescape(label))
+        for value, selected, label in re.findall(
+            r'<option value="([^"]*)"( selected)?>(.*?)</option>', select.group(1)
+        )
+    ]
+
+
+def test_the_release_page_offers_incidents_affecting_the_target_first(oncall, pg_target):
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target, name="orders")
+    elsewhere = incident_on(TargetFactory(), hours_ago=0, title="billing slow")
+    here = incident_on(target, hours_ago=2, title="orders lock stuck")
+    resolved_here = incident_on(target, "resolved", hours_ago=3, title="orders rollback")
+    incident_on(target, "closed", title="last month")
+
+    options = incident_options(body(oncall.get(confirm_url(target))))
+
+    assert options == [
+        ("", False, "none"),
+        (str(here.pk), True, f"#{here.pk} orders lock stuck (detected, affects orders)"),
+        (
+            str(resolved_here.pk),
+            False,
+            f"#{resolved_here.pk} orders rollback (resolved, affects orders)",
+        ),
+        (str(elsewhere.pk), False, f"#{elsewhere.pk} billing slow (detected)"),
+    ]
+
+
+def test_nothing_is_preselected_unless_exactly_one_open_incident_affects_the_target(
+    oncall, pg_target
+):
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target)
+    incident_on(target, "resolved")
+    incident_on(None)
+
+    def chosen() -> list[str]:
+        options = incident_options(body(oncall.get(confirm_url(target))))
+        return [label for _, selected, label in options if selected]
+
+    assert chosen() == ["none"]
+    incident_on(target)
+    incident_on(target, "mitigating")
+    assert chosen() == ["none"]
+
+
+def test_releasing_for_an_incident_links_them_both_ways(
+    oncall, pg_target, django_capture_on_commit_callbacks
+):
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target)
+    incident = incident_on(TargetFactory())
+
+    response = release(
+        oncall, target, django_capture_on_commit_callbacks, reason="stuck", incident=incident.pk
+    )
+
+    operation = Operation.objects.get(target=target)
+    assert response.status_code == 302
+    assert operation.incident == incident
+    page = body(oncall.get(operation_url(operation)))
+    incident_url = reverse("admin:incidents_incident_change", args=[incident.pk])
+    assert f'<a href="{incident_url}">#{incident.pk} {incident.title}</a>' in page
+
+    oncall.force_login(UserFactory(username="commander", is_superuser=True))
+    page = body(oncall.get(incident_url))
+    assert (
+        f'<a href="{operation_url(operation)}">#{operation.pk} Force-release migration lock on '
+        f"{target.name}</a> (succeeded)"
+    ) in page
+
+
+def test_an_incident_closed_since_the_page_was_shown_is_refused_in_one_line(
+    oncall, pg_target, django_capture_on_commit_callbacks
+):
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target)
+    incident = incident_on(target, "closed")
+
+    response = release(
+        oncall, target, django_capture_on_commit_callbacks, reason="stuck", incident=incident.pk
+    )
+
+    assert response.status_code == 200
+    assert f"incident #{incident.pk} is closed: operations can no longer be linked to it" in text(
+        body(response)
+    )
+    assert Operation.objects.count() == 0
+    assert len(pg_target.runbook_lock_rows()) == 1
+
+
+def test_an_unknown_incident_is_a_form_error(oncall, pg_target, django_capture_on_commit_callbacks):
+    pg_target.create_runbook_books(lock_age=STALE)
+    target = TargetFactory(db=pg_target)
+
+    response = release(
+        oncall, target, django_capture_on_commit_callbacks, reason="stuck", incident="999999"
+    )
+
+    assert response.status_code == 200
+    assert "Select a valid choice." in text(body(response))
+    assert Operation.objects.count() == 0
+
+
+def test_a_health_url_is_set_on_the_target_form(superuser_client):
+    target = TargetFactory(name="orders-staging")
+
+    response = superuser_client.post(
+        reverse("admin:migrations_ops_target_change", args=[target.pk]),
+        target_form(target, health_url="orders.internal/healthz"),
+    )
+
+    assert response.status_code == 302
+    target.refresh_from_db()
+    assert target.health_url == "https://orders.internal/healthz"
+    event = AuditEvent.objects.get(action="target.changed", target=target)
+    assert event.details == {"health_url": "https://orders.internal/healthz"}

@@ -1,6 +1,7 @@
 """The admin index as the on-call engineer's fleet view: every target's health, worst first."""
 
 import datetime as dt
+import html
 import re
 
 import pytest
@@ -12,8 +13,8 @@ from django.utils import timezone
 
 from migrations_ops import roles
 from migrations_ops.models import LockObservation, MigrationScript, Operation, Target
-from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
-from tests.migrations_ops.test_admin import body, text
+from tests.factories import ON_CALL_PERMISSIONS, IncidentFactory, TargetFactory, UserFactory
+from tests.migrations_ops.test_admin import body, cell, text
 
 pytestmark = pytest.mark.django_db
 
@@ -260,6 +261,7 @@ def test_the_number_of_queries_does_not_grow_with_the_targets(oncall):
         for t in targets:
             operation(t, "verify", "succeeded", result={"applied": 1, "problems": []})
             operation(t, "apply", "failed", ago=dt.timedelta(minutes=1))
+        IncidentFactory().affected_targets.add(*targets)
 
     def queries() -> list[str]:
         with CaptureQueriesContext(connection) as captured:
@@ -274,6 +276,41 @@ def test_the_number_of_queries_does_not_grow_with_the_targets(oncall):
     twenty = queries()
     assert len(fleet_rows(oncall.get(reverse(INDEX)))) == 20
     assert len(twenty) == len(two), "\n".join(twenty)
+
+
+def test_open_incidents_are_counted_per_target_and_lead_to_them(oncall):
+    orders = TargetFactory(name="orders")
+    billing = TargetFactory(name="billing")
+    IncidentFactory(title="billing slow").affected_targets.add(billing)
+    for title, status in [
+        ("orders lock stuck", "detected"),
+        ("orders slow", "monitoring"),
+        ("orders rollback", "resolved"),
+        ("orders last month", "closed"),
+    ]:
+        IncidentFactory(title=title, status=status).affected_targets.add(orders)
+
+    # An engineer who may not view incidents sees the count alone.
+    page = oncall.get(reverse(INDEX))
+    assert cell(fleet_markup(page, "orders"), "fleet-incidents") == "2"
+    assert cell(fleet_markup(page, "billing"), "fleet-incidents") == "1"
+
+    commander = UserFactory(username="commander")
+    commander.groups.add(Group.objects.get(name=roles.INCIDENT_COMMANDER))
+    oncall.force_login(commander)
+    page = oncall.get(reverse(INDEX))
+    orders_cell = cell(fleet_markup(page, "orders"), "fleet-incidents")
+    link = re.fullmatch(r'<a href="([^"]+)">2</a>', orders_cell)
+    assert link, orders_cell
+    listed = text(body(oncall.get(html.unescape(link.group(1)))))
+    assert "orders lock stuck" in listed and "orders slow" in listed
+    assert "orders rollback" not in listed and "orders last month" not in listed
+    assert "billing slow" not in listed
+
+
+def fleet_markup(response, name: str) -> str:
+    [row] = [row for row_name, _, row in fleet_rows(response) if row_name == name]
+    return row
 
 
 def test_the_table_is_for_users_who_may_view_targets(client):

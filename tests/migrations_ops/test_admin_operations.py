@@ -7,10 +7,11 @@ from django.urls import reverse
 
 from migrations_ops import services
 from migrations_ops.actors import Actor
+from migrations_ops.admin_operations import TARGET_ACTIONS
 from migrations_ops.models import Environment, Operation, OperationStatus
 from migrations_ops.roles import AUDITOR, ON_CALL
-from tests.factories import TargetFactory, UserFactory
-from tests.migrations_ops.test_admin import body, text
+from tests.factories import IncidentFactory, TargetFactory, UserFactory
+from tests.migrations_ops.test_admin import body, incident_options, text
 from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
@@ -143,6 +144,35 @@ def test_fix_books_and_cleanup_pages(oncall, shop, django_capture_on_commit_call
     shop.db.take_runbook_lock(lock_age=dt.timedelta(minutes=5), locked_by="gone")
     submit(oncall, shop, "cleanup", {"reason": "stale"}, django_capture_on_commit_callbacks)
     assert shop.db.runbook_lock_rows() == []
+
+
+@pytest.mark.parametrize("slug", [action.slug for action in TARGET_ACTIONS])
+def test_every_page_serves_an_incident_and_refuses_a_closed_one(
+    oncall, shop, slug, django_capture_on_commit_callbacks
+):
+    rollout = IncidentFactory(title="rollout 9")
+    rollout.affected_targets.add(shop)
+    closed = IncidentFactory(status="closed")
+    options = incident_options(body(oncall.get(operate_url(shop, slug))))
+    assert (str(rollout.pk), True, f"#{rollout.pk} rollout 9 (detected, affects shop)") in options
+    assert str(closed.pk) not in [value for value, _, _ in options]
+    form = {
+        "reason": "rollout 9 cleanup",
+        "version": "002" if "rollback" in slug else "003",
+        "direction": "applied",
+    }
+
+    refused = submit(
+        oncall, shop, slug, {**form, "incident": closed.pk}, django_capture_on_commit_callbacks
+    )
+    assert refused.status_code == 200
+    assert f"incident #{closed.pk} is closed: operations can no longer be linked to it" in text(
+        body(refused)
+    )
+    assert not Operation.objects.exists()
+
+    submit(oncall, shop, slug, {**form, "incident": rollout.pk}, django_capture_on_commit_callbacks)
+    assert Operation.objects.get().incident == rollout
 
 
 @pytest.mark.django_db(transaction=True)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from migrations_ops.models import Environment, Operation
-from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
+from tests.factories import ON_CALL_PERMISSIONS, IncidentFactory, TargetFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -145,3 +145,52 @@ def test_approve_and_reject_over_the_api(client, pg_target, django_capture_on_co
         "/api/operations/999999/approve", data="{}", content_type="application/json"
     )
     assert missing.status_code == 404
+
+
+def test_the_release_serves_the_incident_it_names(
+    engineer_client, pg_target, django_capture_on_commit_callbacks
+):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="orders")
+    incident = IncidentFactory(status="monitoring")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post(engineer_client, "orders", {"reason": "stuck", "incident": incident.pk})
+
+    assert response.status_code == 202
+    assert response.json()["operation"]["incident"] == incident.pk
+    assert Operation.objects.get().incident == incident
+    assert engineer_client.get(response.json()["url"]).json()["operation"]["incident"] == (
+        incident.pk
+    )
+
+
+@pytest.mark.parametrize(
+    ("incident", "status", "code", "message"),
+    [
+        (
+            "closed",
+            400,
+            "invalid_request",
+            "incident #{pk} is closed: operations can no longer be linked to it",
+        ),
+        (999999, 404, "unknown_incident", "no incident #999999"),
+        ("12", 400, "invalid_request", "incident must be an incident number, such as 12"),
+        (True, 400, "invalid_request", "incident must be an incident number, such as 12"),
+    ],
+)
+def test_a_closed_unknown_or_malformed_incident_is_refused(
+    engineer_client, pg_target, incident, status, code, message
+):
+    pg_target.create_runbook_books(lock_age=dt.timedelta(minutes=20))
+    TargetFactory(db=pg_target, name="orders")
+    closed = IncidentFactory(status="closed")
+    if incident == "closed":
+        incident = closed.pk
+
+    response = post(engineer_client, "orders", {"reason": "stuck", "incident": incident})
+
+    assert response.status_code == status
+    assert response.json()["error"] == {"code": code, "message": message.format(pk=closed.pk)}
+    assert Operation.objects.count() == 0
+    assert len(pg_target.runbook_lock_rows()) == 1

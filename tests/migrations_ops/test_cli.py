@@ -325,3 +325,62 @@ def test_approve_from_the_command_line_needs_a_second_person(pg_target):
     operation.refresh_from_db()
     assert operation.status == "cancelled"
     assert len(pg_target.runbook_lock_rows()) == 1
+
+
+# --- the incident an operation serves ------------------------------------------------------------
+OPERATION_COMMANDS = {
+    "unlock": ["--reason", "stuck"],
+    "up": ["--dry-run"],
+    "rollback": ["--dry-run"],
+    "verify": [],
+    "cleanup": ["--reason", "tidy"],
+    "mark-applied": ["--version", "003", "--reason", "ran by hand"],
+    "mark-rolled-back": ["--version", "002", "--reason", "undone by hand"],
+}
+
+
+@pytest.mark.parametrize("command", OPERATION_COMMANDS)
+def test_every_operation_command_serves_the_incident_it_names(shop, command):
+    from incidents.models import IncidentStatus
+    from tests.factories import IncidentFactory
+
+    target_db, folder = shop
+    ops("import", "--target", "shop", "--dir", str(folder))
+    if command == "unlock":
+        target_db.take_runbook_lock(lock_age=dt.timedelta(minutes=20), locked_by="gone")
+    args = [command, "--target", "shop", *OPERATION_COMMANDS[command], "--wait", "0"]
+    closed = IncidentFactory(status=IncidentStatus.CLOSED)
+    served = IncidentFactory(status=IncidentStatus.MITIGATING)
+
+    with pytest.raises(CommandError) as caught:
+        ops(*args, "--incident", str(closed.pk))
+    assert str(caught.value) == (
+        f"incident #{closed.pk} is closed: operations can no longer be linked to it"
+    )
+    with pytest.raises(CommandError) as caught:
+        ops(*args, "--incident", "999999")
+    assert str(caught.value) == "no incident #999999"
+    assert not Operation.objects.exists()
+
+    # Inside the test's transaction the task is never sent: the operation stays queued.
+    with pytest.raises(CommandError, match="is still queued"):
+        ops(*args, "--incident", str(served.pk))
+    assert Operation.objects.get().incident == served
+
+
+def test_register_takes_a_health_url():
+    register = [
+        "register",
+        "--url",
+        "sqlite:////tmp/orders.sqlite3",
+        "--convention",
+        "runbook",
+        "--environment",
+        "staging",
+    ]
+    ops(*register, "--name", "orders", "--health-url", "https://orders.internal/healthz")
+    assert Target.objects.get(name="orders").health_url == "https://orders.internal/healthz"
+
+    with pytest.raises(CommandError, match=r"^health_url: Enter a valid URL\.$"):
+        ops(*register, "--name", "billing", "--health-url", "billing health")
+    assert not Target.objects.filter(name="billing").exists()

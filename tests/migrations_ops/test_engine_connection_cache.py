@@ -32,6 +32,53 @@ def test_a_clean_connection_is_reused(cache, pg_target):
         assert backend_pid(conn) == first
 
 
+SESSION = (
+    "SELECT pg_backend_pid() AS pid, current_schema() AS schema,"
+    " current_setting('statement_timeout') AS statement_timeout,"
+    " current_setting('lock_timeout') AS lock_timeout,"
+    " coalesce(current_setting('opsconsole_test.left_behind', true), '') AS custom_setting,"
+    " current_user = session_user AS own_role,"
+    " to_regclass('pg_temp.scratch') IS NOT NULL AS temporary_table,"
+    " (SELECT count(*) FROM pg_prepared_statements) AS prepared_statements,"
+    " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    "  AND pid = pg_backend_pid()) AS advisory_locks"
+)
+
+
+def test_a_kept_connection_is_lent_again_as_it_started(cache, pg_target):
+    with open_kept(cache, pg_target, statement_timeout=7) as conn:
+        started = conn.fetch_dicts(SESSION)[0]
+        for statement in (
+            "SET search_path TO public",
+            "SET statement_timeout = '1min'",
+            "SET lock_timeout = '2min'",
+            "SET opsconsole_test.left_behind = 'yes'",
+            "SET ROLE pg_monitor",
+            "CREATE TEMPORARY TABLE scratch (id INTEGER)",
+            "SELECT pg_advisory_lock(4242)",
+            "PREPARE left_behind AS SELECT 1",
+        ):
+            conn.run(statement)
+        assert conn.fetch_dicts(SESSION)[0] != started
+
+    with open_kept(cache, pg_target, statement_timeout=7) as conn:
+        assert conn.fetch_dicts(SESSION)[0] == started  # the same session, as it began
+    assert started["schema"] == pg_target.schema
+    assert (started["statement_timeout"], started["lock_timeout"]) == ("7s", "7s")
+    assert started["custom_setting"] == ""
+    assert (started["own_role"], started["temporary_table"]) == (True, False)
+    assert (started["prepared_statements"], started["advisory_locks"]) == (0, 0)
+
+
+def test_a_kept_connection_stays_in_use_however_often_it_is_reset(cache, pg_target):
+    # psycopg prepares a statement run five times; the reset must not trip over its own.
+    with open_kept(cache, pg_target) as conn:
+        first = backend_pid(conn)
+    for attempt in range(12):
+        with open_kept(cache, pg_target) as conn:
+            assert backend_pid(conn) == first, f"replaced at lending {attempt}"
+
+
 def test_a_connection_is_lent_to_one_caller_at_a_time(cache, pg_target):
     with open_kept(cache, pg_target) as one, open_kept(cache, pg_target) as two:
         assert backend_pid(one) != backend_pid(two)

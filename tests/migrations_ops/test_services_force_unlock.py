@@ -275,6 +275,47 @@ def test_status_read_remembers_when_a_timeless_lock_was_first_seen(sqlite_target
     assert services.read_target_status(target).observation.first_seen_held_at > first
 
 
+def test_a_different_lock_restarts_the_clock_and_a_failed_read_forgets_the_lock(any_target):
+    any_target.create_runbook_books(lock_age=dt.timedelta(minutes=1), locked_by="deploy-1")
+    target = TargetFactory(db=any_target)
+
+    first = services.read_target_status(target).observation
+    again = services.read_target_status(target).observation
+    assert (again.held, again.holder, again.rows) == (True, "deploy-1", first.rows)
+    assert again.first_seen_held_at == first.first_seen_held_at
+    assert again.observed_at > first.observed_at
+
+    any_target.execute("UPDATE migration_lock SET locked_by = 'deploy-2'")
+    other = services.read_target_status(target).observation
+    assert other.holder == "deploy-2"
+    assert other.first_seen_held_at > first.first_seen_held_at
+
+    any_target.execute("DROP TABLE migration_lock")
+    failed = services.read_target_status(target)
+    assert "no migration_lock table" in failed.error
+    assert (failed.observation.held, failed.observation.first_seen_held_at) == (None, None)
+    assert failed.observation.error == failed.error
+    # What it returns is what it remembers; the lock last seen stays on record.
+    stored = LockObservation.objects.get(target=target)
+    assert (stored.held, stored.error, stored.holder) == (None, failed.error, "deploy-2")
+    assert stored.rows == other.rows
+
+
+def test_a_free_lock_is_remembered_as_read(any_target):
+    any_target.create_runbook_books(lock_age=dt.timedelta(minutes=1))
+    target = TargetFactory(db=any_target)
+    services.read_target_status(target)
+    any_target.execute("DELETE FROM migration_lock")
+
+    observation = services.read_target_status(target).observation
+
+    stored = LockObservation.objects.get(target=target)
+    for seen in (observation, stored):
+        assert (seen.held, seen.rows, seen.holder, seen.locked_at) == (False, [], "", None)
+        assert (seen.first_seen_held_at, seen.error) == (None, "")
+    assert observation.observed_at == stored.observed_at
+
+
 def test_register_target_validates_and_records(engineer):
     admin = Actor.for_user(UserFactory(is_superuser=True), Door.CLI)
     target = services.register_target(

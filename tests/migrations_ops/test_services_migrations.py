@@ -2,10 +2,14 @@
 
 import datetime as dt
 import threading
+import time
+from functools import partial
 
 import pytest
 from django.db import connection as console_connection
+from django.test.utils import CaptureQueriesContext
 
+from incidents.models import IncidentStatus
 from migrations_ops import engine, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import (
@@ -16,7 +20,7 @@ from migrations_ops.models import (
     Operation,
     OperationStatus,
 )
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import IncidentFactory, TargetFactory, UserFactory
 from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
 
 pytestmark = pytest.mark.django_db
@@ -332,6 +336,44 @@ def test_cleanup_removes_a_stale_lock_and_leaves_a_fresh_one(runbook_target):
     assert operation.result["changes"] == ["the lock is held but not stale: left alone"]
 
 
+# --- the incident an operation serves ------------------------------------------------------------
+REQUESTS = {
+    "apply": partial(services.request_apply, reason="release 9"),
+    "dry-run rollback": partial(services.request_rollback, reason="", dry_run=True),
+    "mark": partial(services.request_mark, version="003", applied=True, reason="by hand"),
+    "verify": services.request_verify,
+    "cleanup": partial(services.request_cleanup, reason="tidy"),
+}
+
+
+@pytest.mark.parametrize("kind", REQUESTS)
+def test_every_request_serves_an_incident_but_never_a_closed_one(runbook_target, kind):
+    request = partial(REQUESTS[kind], actor=OPERATOR, target=runbook_target)
+    closed = IncidentFactory(status=IncidentStatus.CLOSED)
+
+    with pytest.raises(
+        services.InvalidRequest,
+        match=rf"^incident #{closed.pk} is closed: operations can no longer be linked to it$",
+    ):
+        request(incident=closed)
+    assert not Operation.objects.exists()
+    assert not AuditEvent.objects.filter(action="operation.requested").exists()
+
+    # Any incident not closed may be served, open or not.
+    resolved = IncidentFactory(status=IncidentStatus.RESOLVED)
+    operation = request(incident=resolved)
+    operation.refresh_from_db()
+    assert operation.incident == resolved
+    requested = AuditEvent.objects.get(operation=operation, action="operation.requested")
+    assert requested.details["incident"] == resolved.pk
+
+
+def test_an_operation_serves_no_incident_unless_asked(runbook_target):
+    IncidentFactory().affected_targets.add(runbook_target)
+    operation = services.request_verify(actor=OPERATOR, target=runbook_target)
+    assert operation.incident is None
+
+
 # --- the runbook's Scenario 1, end to end --------------------------------------------------------
 def test_scenario_1_failed_migration_recovery(pg_target, tmp_path):
     """A migration failed half-way and left the lock held: status shows it, unlock, rollback,
@@ -395,3 +437,104 @@ def test_two_simultaneous_rollbacks_run_once(pg_target, tmp_path):
     refused = [o for o in outcomes if o not in ("queued", "succeeded")]
     assert len(refused) == 1 and "already in progress" in refused[0]
     assert books_of(pg_target) == ["001_create_users.sql"]
+
+
+# --- the console's cost of a run -----------------------------------------------------------------
+def test_a_run_takes_a_handful_of_console_queries(runbook_target):
+    operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+    with CaptureQueriesContext(console_connection) as captured:
+        operation = run(operation)
+    assert operation.status == OperationStatus.SUCCEEDED, operation.error
+    queries = [
+        query["sql"]
+        for query in captured.captured_queries
+        if not query["sql"].startswith(("SAVEPOINT", "RELEASE SAVEPOINT"))  # the test's own
+    ]
+    # The claim, the operation with its target, its script, the lock as the run left it, the
+    # outcome, its audit event, and whether any incident is open to note it on.
+    assert len(queries) <= 7, "\n".join(queries)
+    assert AuditEvent.objects.filter(operation=operation, action="operation.succeeded").exists()
+    assert operation.target.lock_observation.held is False
+
+
+# --- kept target connections ---------------------------------------------------------------------
+# Session state a migration's SQL may leave behind: a SET, a temporary table, a session lock.
+LITTERING = (
+    "002_littering.sql",
+    "CREATE TABLE run_session AS SELECT pg_backend_pid() AS pid;\n"
+    "SET lock_timeout = '1min';\n"
+    "SET opsconsole_test.left_behind = 'yes';\n"
+    "CREATE TEMPORARY TABLE left_behind (id INTEGER);\n"
+    "SELECT pg_advisory_lock(4242);",
+    "DROP TABLE run_session;",
+)
+SESSION = (
+    "SELECT pg_backend_pid() AS pid, current_schema() AS schema,"
+    " current_setting('lock_timeout') AS lock_timeout,"
+    " coalesce(current_setting('opsconsole_test.left_behind', true), '') AS left_behind,"
+    " to_regclass('pg_temp.left_behind') IS NOT NULL AS temporary_table,"
+    " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+    "  AND pid = pg_backend_pid()) AS advisory_locks"
+)
+
+
+@pytest.fixture
+def littering_target(pg_target, tmp_path, settings):
+    """001 applied, 002 pending; the console keeps its target connections."""
+    settings.TARGET_KEEP_CONNECTIONS = True
+    pg_target.create_runbook_books(applied=("001_create_users.sql",))
+    apply_directly(pg_target, USERS)
+    target = TargetFactory(db=pg_target, lock_timeout_seconds=2, max_retries=0)
+    services.import_scripts(
+        actor=OPERATOR, target=target, directory=write_folder(tmp_path, USERS, LITTERING)
+    )
+    target.db = pg_target
+    return target
+
+
+def run_session_pid(target) -> int:
+    [(pid,)] = target.db.query("SELECT pid FROM run_session")
+    return pid
+
+
+def test_the_next_user_of_a_kept_connection_finds_none_of_a_runs_session_state(
+    littering_target, settings
+):
+    applied = run(services.request_apply(actor=OPERATOR, target=littering_target, reason="r"))
+    assert applied.status == OperationStatus.SUCCEEDED, applied.error
+
+    with services.open_target(littering_target) as connection:
+        session = connection.fetch_dicts(SESSION)[0]
+    assert session == {
+        "pid": run_session_pid(littering_target),  # the very connection the run used
+        "schema": littering_target.db.schema,
+        "lock_timeout": f"{settings.TARGET_STATEMENT_TIMEOUT}s",
+        "left_behind": "",
+        "temporary_table": False,
+        "advisory_locks": 0,
+    }
+    rolled_back = run(
+        services.request_rollback(actor=OPERATOR, target=littering_target, reason="r")
+    )
+    assert rolled_back.status == OperationStatus.SUCCEEDED, rolled_back.error
+    assert books_of(littering_target.db) == ["001_create_users.sql"]
+
+
+def test_a_kept_connection_that_died_between_runs_is_replaced(littering_target):
+    applied = run(services.request_apply(actor=OPERATOR, target=littering_target, reason="r"))
+    assert applied.status == OperationStatus.SUCCEEDED, applied.error
+    pid = run_session_pid(littering_target)
+    littering_target.db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + 5
+    while littering_target.db.query("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        assert time.monotonic() < deadline, "the terminated session lingers"
+        time.sleep(0.02)
+
+    rolled_back = run(
+        services.request_rollback(actor=OPERATOR, target=littering_target, reason="r")
+    )
+
+    assert rolled_back.status == OperationStatus.SUCCEEDED, rolled_back.error
+    assert books_of(littering_target.db) == ["001_create_users.sql"]
+    with services.open_target(littering_target) as connection:
+        assert connection.fetch_dicts(SESSION)[0]["pid"] != pid

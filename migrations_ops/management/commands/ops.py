@@ -16,6 +16,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from incidents import services as incident_services
+from incidents.models import Incident
 from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.demo import load_demo
@@ -49,6 +51,9 @@ class Command(BaseCommand):
         register.add_argument("--environment", required=True, choices=Environment.values)
         register.add_argument("--schema", default="")
         register.add_argument("--lock-timeout", type=int, default=60, help="seconds")
+        register.add_argument(
+            "--health-url", default="", help="the application's health endpoint (2xx: healthy)"
+        )
 
         status = commands.add_parser("status", help="read lock and applied migrations, live")
         status.add_argument("--target", help="one target (default: all)")
@@ -115,6 +120,12 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="how long to wait for the operation to finish (0: do not wait)",
         )
+        parser.add_argument(
+            "--incident",
+            type=int,
+            metavar="N",
+            help="the incident this operation serves (its number): it lands on its timeline",
+        )
         return parser
 
     @staticmethod
@@ -158,6 +169,7 @@ class Command(BaseCommand):
             environment=options["environment"],
             schema=options["schema"],
             lock_timeout_seconds=options["lock_timeout"],
+            health_url=options["health_url"],
         )
         self.stdout.write(f"registered {target.name} ({target.environment}, {target.convention})")
 
@@ -217,6 +229,7 @@ class Command(BaseCommand):
             reason=options["reason"],
             release_fresh=options["force"],
             confirm_name=options["target"],
+            incident=self._incident(options),
         )
         operation = self._follow(operation, options["wait"])
         before = operation.result.get("before", {})
@@ -234,6 +247,7 @@ class Command(BaseCommand):
             dry_run=options["dry_run"],
             non_transactional=options["non_transactional"],
             confirm_name=options["target"],
+            incident=self._incident(options),
         )
         self._print_run(self._follow(operation, options["wait"]))
 
@@ -247,12 +261,15 @@ class Command(BaseCommand):
             out_of_order=options["out_of_order"],
             non_transactional=options["non_transactional"],
             confirm_name=options["target"],
+            incident=self._incident(options),
         )
         self._print_run(self._follow(operation, options["wait"]))
 
     def handle_verify(self, actor, options):
         operation = services.request_verify(
-            actor=actor, target=services.get_target(options["target"])
+            actor=actor,
+            target=services.get_target(options["target"]),
+            incident=self._incident(options),
         )
         operation = self._follow(operation, options["wait"], quiet=options["json"])
         result = operation.result
@@ -274,6 +291,7 @@ class Command(BaseCommand):
             target=services.get_target(options["target"]),
             reason=options["reason"],
             confirm_name=options["target"],
+            incident=self._incident(options),
         )
         operation = self._follow(operation, options["wait"])
         for change in operation.result["changes"] or ["nothing to clean up"]:
@@ -293,10 +311,16 @@ class Command(BaseCommand):
             reason=options["reason"],
             applied=applied,
             confirm_name=options["target"],
+            incident=self._incident(options),
         )
         operation = self._follow(operation, options["wait"])
         for change in operation.result["changes"]:
             self.stdout.write(change)
+
+    @staticmethod
+    def _incident(options) -> Incident | None:
+        number = options["incident"]
+        return None if number is None else incident_services.get_incident(number)
 
     def _print_run(self, operation: Operation) -> None:
         result = operation.result
