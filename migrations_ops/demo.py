@@ -1,5 +1,6 @@
 """Demo data for a newcomer: one SQLite target whose lock a crashed deploy left behind 20
-minutes ago, one healthy target, and an admin user. Re-running resets both targets."""
+minutes ago, an open incident about it, one healthy target, and an admin user. Re-running resets
+both targets; the incident is opened once (incidents are history: never deleted)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class DemoResult:
     username: str
     password: str
     targets: list[Target]
+    incident: object  # incidents.models.Incident (that app builds on this one)
 
 
 def load_demo(directory: Path) -> DemoResult:
@@ -67,7 +69,30 @@ def load_demo(directory: Path) -> DemoResult:
         services.import_scripts(
             actor=Actor.shell_operator(), target=target, directory=str(migrations)
         )
-    return DemoResult(username, password, targets)
+    incident = _open_demo_incident(
+        targets[0], username, lock_left_at=now - dt.timedelta(minutes=20)
+    )
+    return DemoResult(username, password, targets, incident)
+
+
+def _open_demo_incident(target: Target, commander_name: str, lock_left_at: dt.datetime):
+    # incidents builds on this app: imported here, where the demo needs it
+    from incidents.models import OPEN_STATUSES, Scenario, Severity
+    from incidents.services import open_incident
+
+    already_open = target.incidents.filter(status__in=OPEN_STATUSES).first()
+    if already_open is not None:
+        return already_open
+    return open_incident(
+        actor=Actor.shell_operator(),
+        title="Orders deploys blocked: migration lock left by a crashed deploy",
+        scenario=Scenario.CONCURRENT_CONFLICT,
+        severity=Severity.SEV2,
+        targets=[target],
+        culprit_migration="003_add_orders_customer_index.sql",
+        impact_started_at=lock_left_at,
+        commander=get_user_model().objects.get(username=commander_name),
+    )
 
 
 def _write_migrations_folder(path: Path) -> Path:

@@ -48,12 +48,24 @@ def test_demo_lock_can_be_seen_and_released_on_the_embedded_default(manage):
     assert "orders-demo: lock stale: held 20 min by deploy-4521" in demo
     assert "billing-demo: lock free" in demo
     assert re.search(r"admin login: username admin  password \S{12,}", demo)
+    incident = re.search(r"open incident #(\d+): Orders deploys blocked", demo).group(1)
+    # Loading the demo again resets the targets but does not open a second incident.
+    assert f"open incident #{incident}:" in manage("ops", "demo").stdout
 
     status = manage("ops", "status", "--target", "orders-demo").stdout
     assert "lock: stale" in status
     assert "applied: 3 migration(s), latest 003_add_orders_customer_index.sql" in status
 
-    released = manage("ops", "unlock", "--target", "orders-demo", "--reason", "crashed deploy")
+    released = manage(
+        "ops",
+        "unlock",
+        "--target",
+        "orders-demo",
+        "--reason",
+        "crashed deploy",
+        "--incident",
+        incident,
+    )
     assert re.search(
         r"operation #\d+ succeeded\nlock released \(was held by deploy-4521", released.stdout
     )

@@ -401,4 +401,6 @@ class Command(BaseCommand):
         for target in result.targets:
             lock = selectors.describe_lock(selectors.lock_report(target))
             self.stdout.write(f"demo target {target.name}: lock {lock}")
+        incident = result.incident
+        self.stdout.write(f"open incident #{incident.pk}: {incident.title}")
         self.stdout.write(f"admin login: username {result.username}  password {result.password}")
