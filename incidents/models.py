@@ -10,6 +10,7 @@ from django.db import models
 from django.utils import timezone
 
 from migrations_ops.models import Operation, Target
+from opsconsole.append_only import AppendOnlyModel
 
 
 class Scenario(models.TextChoices):
@@ -162,10 +163,6 @@ class Incident(models.Model):
         return getattr(self, f"{phase}_objective")
 
 
-class AppendOnlyError(Exception):
-    pass
-
-
 class EscalationContact(models.Model):
     """Who each level of the runbook's escalation path reaches; seeded from the runbook and
     edited by console admins. An escalation copies the contact onto the timeline, so editing a
@@ -230,7 +227,7 @@ class ActionItem(models.Model):
         return f"{self.get_kind_display()}: {self.title} ({self.owner_name})"
 
 
-class PostmortemAddendum(models.Model):
+class PostmortemAddendum(AppendOnlyModel):
     """What was learned after an incident closed. Its post-mortem is frozen; addenda are
     appended to it and are append-only themselves."""
 
@@ -245,14 +242,6 @@ class PostmortemAddendum(models.Model):
 
     def __str__(self) -> str:
         return f"Addendum to #{self.incident_id} by {self.added_by}"
-
-    def save(self, *args, **kwargs):
-        if self.pk is not None and not self._state.adding:
-            raise AppendOnlyError("post-mortem addenda are append-only")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args, **kwargs):
-        raise AppendOnlyError("post-mortem addenda are append-only")
 
 
 class EntryKind(models.TextChoices):
@@ -270,7 +259,7 @@ class EntryKind(models.TextChoices):
     FLAG = "flag", "Flag change"
 
 
-class TimelineEntry(models.Model):
+class TimelineEntry(AppendOnlyModel):
     """One line of an incident's timeline. Append-only like migrations_ops.AuditEvent: a
     correction is a new entry pointing at the one it corrects."""
 
@@ -312,14 +301,6 @@ class TimelineEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.occurred_at:%Y-%m-%d %H:%M:%S} {self.actor_name}: {self.text[:60]}"
-
-    def save(self, *args, **kwargs):
-        if self.pk is not None and not self._state.adding:
-            raise AppendOnlyError("timeline entries are append-only")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args, **kwargs):
-        raise AppendOnlyError("timeline entries are append-only")
 
 
 class ChecklistKey(models.TextChoices):

@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from migrations_ops import engine
+from opsconsole.append_only import AppendOnlyModel
 
 
 def validate_target_url(value: str) -> None:
@@ -330,11 +331,7 @@ class Operation(models.Model):
         return None
 
 
-class AppendOnlyError(Exception):
-    pass
-
-
-class AuditEvent(models.Model):
+class AuditEvent(AppendOnlyModel):
     """Who did what, through which door, when. Append-only: the model refuses to update or
     delete a row, and on PostgreSQL a trigger makes the database refuse too.
 
@@ -387,14 +384,6 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action}"
-
-    def save(self, *args, **kwargs):
-        if self.pk is not None and not self._state.adding:
-            raise AppendOnlyError("audit events are append-only")
-        super().save(*args, **kwargs)
-
-    def delete(self, *args, **kwargs):
-        raise AppendOnlyError("audit events are append-only")
 
 
 class AlertThresholds(models.Model):

@@ -1,11 +1,31 @@
-"""A migration operation that makes PostgreSQL itself refuse UPDATE and DELETE on a table whose
-rows are history (audit events, incident timelines). Other databases rely on the models."""
+"""History rows (audit events, incident timelines, post-mortem addenda) are append-only: the
+models refuse to change or delete a saved row, and on PostgreSQL a trigger refuses it too."""
 
-from django.db import migrations
+from django.db import migrations, models
+
+
+class AppendOnlyError(Exception):
+    pass
+
+
+class AppendOnlyModel(models.Model):
+    """Rows are added, never changed or deleted; the error names the rows by their plural."""
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding:
+            raise AppendOnlyError(f"{self._meta.verbose_name_plural} are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyError(f"{self._meta.verbose_name_plural} are append-only")
 
 
 def append_only(table: str, what: str) -> migrations.RunPython:
-    """``what`` names the rows in the error, e.g. ``"audit events"``."""
+    """The PostgreSQL trigger, as a migration operation (other databases rely on the models).
+    ``what`` names the rows in the error, e.g. ``"audit events"``."""
     function = f"opsconsole_refuse_{table}_change"
     trigger = f"{table}_append_only"
     create = f"""

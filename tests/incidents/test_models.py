@@ -7,7 +7,8 @@ from django.db import connection, transaction
 from django.db.utils import DatabaseError
 
 from incidents import services
-from incidents.models import AppendOnlyError, RecoveryObjective, Scenario, TimelineEntry
+from incidents.models import RecoveryObjective, Scenario, TimelineEntry
+from opsconsole.append_only import AppendOnlyError
 
 pytestmark = pytest.mark.django_db
 

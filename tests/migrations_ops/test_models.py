@@ -6,8 +6,9 @@ from django.db.utils import DatabaseError
 from django.utils import timezone
 
 from migrations_ops.actors import Actor
-from migrations_ops.models import AppendOnlyError, AuditEvent, LockObservation, LockState
+from migrations_ops.models import AuditEvent, LockObservation, LockState
 from migrations_ops.services import record_audit_event
+from opsconsole.append_only import AppendOnlyError
 from tests.factories import TargetFactory
 
 pytestmark = pytest.mark.django_db
