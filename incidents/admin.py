@@ -150,7 +150,7 @@ class IncidentAdmin(admin.ModelAdmin):
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
         if db_field.name == "commander":
-            kwargs["queryset"] = admin_views.commanders()
+            kwargs["queryset"] = selectors.commanders()
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_urls(self):

@@ -7,10 +7,7 @@ import datetime as dt
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
@@ -31,25 +28,6 @@ from incidents.postmortem import render_postmortem
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
 from migrations_ops.services import ServiceError
-
-
-def active_users():
-    return get_user_model().objects.filter(is_active=True).order_by("username")
-
-
-def commanders():
-    """Active users who may change incidents (directly, through a group, or superusers)."""
-    app_label, codename = services.CHANGE_PERMISSION.split(".")
-    permission = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
-    return (
-        active_users()
-        .filter(
-            Q(is_superuser=True)
-            | Q(user_permissions__in=permission)
-            | Q(groups__permissions__in=permission)
-        )
-        .distinct()
-    )
 
 
 class IncidentForm(forms.Form):
@@ -139,7 +117,7 @@ class CommanderForm(IncidentForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["commander"].queryset = commanders()
+        self.fields["commander"].queryset = selectors.commanders()
 
     def perform(self, actor):
         incident = services.change_commander(
@@ -206,7 +184,7 @@ class ActionItemForm(IncidentForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["owner"].queryset = active_users()
+        self.fields["owner"].queryset = selectors.active_users()
 
     def perform(self, actor):
         item = services.add_action_item(actor=actor, incident=self.incident, **self.cleaned_data)
@@ -230,7 +208,7 @@ class ActionItemUpdateForm(IncidentForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["item"].queryset = self.incident.action_items.order_by("id")
-        self.fields["owner"].queryset = active_users()
+        self.fields["owner"].queryset = selectors.active_users()
 
     def perform(self, actor):
         data = self.cleaned_data

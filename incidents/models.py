@@ -12,6 +12,10 @@ from django.utils import timezone
 from migrations_ops.models import Operation, Target
 from opsconsole.append_only import AppendOnlyModel
 
+# What opening and running an incident take, whichever door asks (services check them).
+OPEN_PERMISSION = "incidents.add_incident"
+CHANGE_PERMISSION = "incidents.change_incident"
+
 
 class Scenario(models.TextChoices):
     """The runbook's four rollback scenarios, and the rest."""

@@ -10,6 +10,8 @@ import datetime as dt
 import statistics
 from dataclasses import dataclass
 
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.db.models import (
     DateTimeField,
     Exists,
@@ -25,6 +27,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from incidents.models import (
+    CHANGE_PERMISSION,
     PHASES,
     ActionItem,
     EntryKind,
@@ -340,4 +343,24 @@ def incidents_to_serve(target) -> list[Incident]:
         Incident.objects.exclude(status=IncidentStatus.CLOSED)
         .annotate(affects_target=Exists(affecting))
         .order_by("-affects_target", "-opened_at", "-id")
+    )
+
+
+# --- people ----------------------------------------------------------------------------
+def active_users():
+    return get_user_model().objects.filter(is_active=True).order_by("username")
+
+
+def commanders():
+    """Active users who may change incidents (directly, through a group, or superusers)."""
+    app_label, codename = CHANGE_PERMISSION.split(".")
+    permission = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
+    return (
+        active_users()
+        .filter(
+            Q(is_superuser=True)
+            | Q(user_permissions__in=permission)
+            | Q(groups__permissions__in=permission)
+        )
+        .distinct()
     )

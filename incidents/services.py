@@ -15,8 +15,10 @@ from django.utils import timezone
 
 from incidents.models import (
     AUTOMATIC_CHECKS,
+    CHANGE_PERMISSION,
     CHECKLIST_KEYS,
     HEALTH_CHECK,
+    OPEN_PERMISSION,
     OPEN_STATUSES,
     STATUS_ORDER,
     TIMESTAMPS,
@@ -43,9 +45,6 @@ from migrations_ops.actors import Actor
 from migrations_ops.engine import health
 from migrations_ops.models import Operation, Target
 from migrations_ops.services import InvalidRequest, ServiceError, require_permission
-
-OPEN_PERMISSION = "incidents.add_incident"
-CHANGE_PERMISSION = "incidents.change_incident"
 
 TIMESTAMP_LABELS = {
     "impact_started": "impact started",
