@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from incidents.models import (
     CHANGE_PERMISSION,
+    OPEN_STATUSES,
     PHASES,
     ActionItem,
     EntryKind,
@@ -36,6 +37,7 @@ from incidents.models import (
     Scenario,
     TimelineEntry,
 )
+from migrations_ops.models import Operation
 
 MET = "met"
 BREACHED = "breached"
@@ -363,4 +365,19 @@ def commanders():
             | Q(groups__permissions__in=permission)
         )
         .distinct()
+    )
+
+
+def incidents_to_note(operation: Operation) -> list[Incident]:
+    """The incidents an operation lands on: the one it serves (unless closed) and every open
+    incident with its target among the affected ones, each once."""
+    affecting = Incident.affected_targets.through.objects.filter(
+        target_id=operation.target_id
+    ).values("incident_id")
+    return list(
+        Incident.objects.filter(
+            Q(status__in=OPEN_STATUSES, pk__in=affecting) | Q(pk=operation.incident_id)
+        )
+        .exclude(status=IncidentStatus.CLOSED)
+        .order_by("pk")
     )

@@ -10,16 +10,15 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
+from incidents import selectors
 from incidents.models import (
     AUTOMATIC_CHECKS,
     CHANGE_PERMISSION,
     CHECKLIST_KEYS,
     HEALTH_CHECK,
     OPEN_PERMISSION,
-    OPEN_STATUSES,
     STATUS_ORDER,
     TIMESTAMPS,
     ActionItem,
@@ -632,20 +631,14 @@ def _summary(value, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def record_operation(operation: Operation) -> list[TimelineEntry]:
-    """Note an operation, when requested and when finished, on the incident it serves (unless
-    closed) and on every open incident that has its target among the affected ones: once per
-    incident. Called by migrations_ops.services."""
-    affecting = Incident.affected_targets.through.objects.filter(
-        target_id=operation.target_id
-    ).values("incident_id")
-    incidents = (
-        Incident.objects.filter(
-            Q(status__in=OPEN_STATUSES, pk__in=affecting) | Q(pk=operation.incident_id)
-        )
-        .exclude(status=IncidentStatus.CLOSED)
-        .order_by("pk")
-    )
+def record_operation(
+    operation: Operation, incidents: list[Incident] | None = None
+) -> list[TimelineEntry]:
+    """Note an operation, when requested and when finished, on the incidents it concerns
+    (``selectors.incidents_to_note``, unless the caller has read them already). Called by
+    migrations_ops.services."""
+    if incidents is None:
+        incidents = selectors.incidents_to_note(operation)
     what = f"operation #{operation.pk} ({operation.get_kind_display()}) on {operation.target.name}"
     if operation.incident_id:
         what += f" for incident #{operation.incident_id}"

@@ -741,18 +741,14 @@ def _note_on_incidents(operation: Operation) -> None:
     never fails or undoes the operation (the savepoint keeps the rest of the transaction)."""
     try:
         # incidents builds on this module
-        from incidents.models import OPEN_STATUSES, Incident
+        from incidents.selectors import incidents_to_note
         from incidents.services import record_operation
 
-        # record_operation notes only on the incident the operation serves and on open
-        # incidents: with neither, as most of the time, spare its query and the savepoint.
-        if (
-            operation.incident_id is None
-            and not Incident.objects.filter(status__in=OPEN_STATUSES).exists()
-        ):
+        incidents = incidents_to_note(operation)
+        if not incidents:  # as most of the time: spare the savepoint
             return
         with transaction.atomic():
-            record_operation(operation)
+            record_operation(operation, incidents)
     except Exception:
         logger.exception("could not note operation #%s on incident timelines", operation.pk)
 
