@@ -151,6 +151,8 @@ class Incident(models.Model):
     )
     # Set when the incident closes: the post-mortem is frozen from then on (addenda only).
     closed_at = models.DateTimeField(null=True, blank=True)
+    # A rehearsal (Drill): scored like an incident, kept out of the real incident figures.
+    is_drill = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-opened_at", "-id"]
@@ -355,3 +357,84 @@ class ChecklistItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_key_display()}: {self.get_result_display().lower()}"
+
+
+class DrillKind(models.TextChoices):
+    """The runbook's regular drills."""
+
+    LOCK_RELEASE = "lock_release", "Lock release (monthly)"
+    ROLLBACK = "rollback", "Rollback simulation (quarterly)"
+
+
+# How often each drill is due; a drill not run for longer is overdue.
+DRILL_INTERVALS = {
+    DrillKind.LOCK_RELEASE: dt.timedelta(days=31),
+    DrillKind.ROLLBACK: dt.timedelta(days=92),
+}
+
+
+class Drill(models.Model):
+    """A rehearsal of one runbook procedure on a sandbox target, on a schedule (a
+    django-celery-beat periodic task) and on demand."""
+
+    kind = models.CharField(max_length=20, choices=DrillKind.choices)
+    target = models.ForeignKey(Target, on_delete=models.PROTECT, related_name="drills")
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["kind", "target"]
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "target"], name="one_drill_per_kind_and_target")
+        ]
+        permissions = [("run_drill", "Can run a drill")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} on {self.target}"
+
+    @property
+    def interval(self) -> dt.timedelta:
+        return DRILL_INTERVALS[self.kind]
+
+
+class DrillRunStatus(models.TextChoices):
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+class DrillRun(models.Model):
+    """One run of a drill: the fault it made, the procedure it followed, its drill incident."""
+
+    drill = models.ForeignKey(Drill, on_delete=models.PROTECT, related_name="runs")
+    incident = models.OneToOneField(
+        Incident, null=True, blank=True, on_delete=models.PROTECT, related_name="drill_run"
+    )
+    status = models.CharField(
+        max_length=10, choices=DrillRunStatus.choices, default=DrillRunStatus.RUNNING
+    )
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    started_by = models.CharField(max_length=150)
+    scheduled = models.BooleanField(default=False, help_text="Started by the schedule.")
+    # Seconds from the fault to detection, mitigation and recovery, as measured by the run.
+    detect_seconds = models.FloatField(null=True, blank=True)
+    mitigate_seconds = models.FloatField(null=True, blank=True)
+    recover_seconds = models.FloatField(null=True, blank=True)
+    met_objectives = models.BooleanField(null=True, blank=True)
+    log = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [models.Index(fields=["drill", "started_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.drill} at {self.started_at:%Y-%m-%d %H:%M} ({self.status})"

@@ -43,6 +43,15 @@ class Door(models.TextChoices):
 CONVENTION_CHOICES = [(c.name, c.label) for c in engine.CONVENTIONS.values()]
 
 
+class FlagStage(models.TextChoices):
+    """The runbook's emergency disable and its three-step progressive re-enable."""
+
+    NORMAL = "normal", "Normal"
+    DISABLED = "disabled", "Emergency-disabled"
+    DRY_RUN = "dry_run", "Re-enable step 1 done: dry run"
+    LIMITED = "limited", "Re-enable step 2 done: limited retries"
+
+
 class Target(models.Model):
     """One application database the console operates on."""
 
@@ -79,6 +88,30 @@ class Target(models.Model):
         help_text="The application's health endpoint (HTTP 2xx means it responds); an "
         'incident\'s "Run checks" asks it for the API-endpoints item.',
     )
+    # The runtime flags the application's auto-migrator obeys (with lock_timeout_seconds and
+    # max_retries above). Changed only through services.change_flags and its kin, which keep
+    # their history in FlagChange.
+    auto_migrate = models.BooleanField(
+        default=True, help_text="AUTO_MIGRATE: the application may apply migrations at start-up."
+    )
+    migration_dry_run = models.BooleanField(
+        default=False, help_text="MIGRATION_DRY_RUN: the auto-migrator only previews."
+    )
+    cache_ttl_seconds = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(86_400)],
+        help_text="MIGRATION_CACHE_TTL: how long applications may keep the flags they read.",
+    )
+    emergency_bypass = models.BooleanField(
+        default=False,
+        help_text="EMERGENCY_BYPASS: the application skips all migration logic at start-up.",
+    )
+    flag_stage = models.CharField(
+        max_length=20,
+        choices=FlagStage.choices,
+        default=FlagStage.NORMAL,
+        help_text="Where the target is between an emergency disable and the full re-enable.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -92,6 +125,7 @@ class Target(models.Model):
             ("fix_books", "Can mark migrations applied or rolled back without running SQL"),
             ("verify_target", "Can verify a target's books against its scripts"),
             ("cleanup_target", "Can clean up a target's lock table"),
+            ("change_flags", "Can change a target's runtime flags (kill switches)"),
         ]
 
     def __str__(self) -> str:
@@ -416,3 +450,89 @@ class AlertThresholds(models.Model):
             f"lock > {self.lock_held_seconds} s, failures > {self.failure_rate:.0%}, "
             f"retries > {self.retry_rate:.0%}"
         )
+
+
+# The runbook's names for the flags, and the Target field behind each (every door uses these).
+FLAG_FIELDS = {
+    "AUTO_MIGRATE": "auto_migrate",
+    "MIGRATION_DRY_RUN": "migration_dry_run",
+    "MIGRATION_MAX_RETRIES": "max_retries",
+    "MIGRATION_LOCK_TIMEOUT": "lock_timeout_seconds",
+    "MIGRATION_CACHE_TTL": "cache_ttl_seconds",
+    "EMERGENCY_BYPASS": "emergency_bypass",
+}
+
+
+class FlagChangeKind(models.TextChoices):
+    SET = "set", "Set"
+    EMERGENCY_DISABLE = "emergency_disable", "Emergency disable"
+    REENABLE_DRY_RUN = "reenable_1", "Re-enable step 1: dry run"
+    REENABLE_LIMITED = "reenable_2", "Re-enable step 2: limited retries"
+    REENABLE_FULL = "reenable_3", "Re-enable step 3: full"
+    DRILL = "drill", "Drill"
+
+
+class FlagChange(AppendOnlyModel):
+    """One change of a target's flags: who, when, why, through which door, old -> new.
+    Append-only like AuditEvent (a PostgreSQL trigger refuses UPDATE and DELETE)."""
+
+    target = models.ForeignKey(Target, on_delete=models.PROTECT, related_name="flag_changes")
+    changed_at = models.DateTimeField(default=timezone.now)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_name = models.CharField(max_length=150)
+    door = models.CharField(max_length=10, choices=Door.choices)
+    kind = models.CharField(max_length=20, choices=FlagChangeKind.choices)
+    reason = models.TextField()
+    # {"AUTO_MIGRATE": true, ...}: only the flags this change touched, by their runbook names.
+    before = models.JSONField(default=dict)
+    after = models.JSONField(default=dict)
+    stage_before = models.CharField(max_length=20, choices=FlagStage.choices)
+    stage_after = models.CharField(max_length=20, choices=FlagStage.choices)
+
+    class Meta:
+        ordering = ["-changed_at", "-id"]
+        indexes = [models.Index(fields=["target", "changed_at", "id"])]
+
+    def __str__(self) -> str:
+        return f"{self.changed_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.kind} {self.target}"
+
+
+class ApiToken(models.Model):
+    """A read-only credential for one application: ``Authorization: Bearer <token>``. Only a
+    SHA-256 of the token is kept (the token itself is shown once, when it is made); it reads
+    only the targets it is scoped to."""
+
+    name = models.CharField(max_length=100, help_text="The application using it.")
+    prefix = models.CharField(max_length=16, unique=True, help_text="Identifies the token in logs.")
+    token_hash = models.CharField(max_length=64, unique=True)
+    targets = models.ManyToManyField(Target, related_name="api_tokens")
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_by_name = models.CharField(max_length=150)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by_name = models.CharField(max_length=150, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name", "-created_at"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

@@ -21,11 +21,15 @@ ON_CALL_ACTIONS = [
     "migrations_ops.cleanup_target",
     "migrations_ops.fix_books",
     "migrations_ops.import_scripts",
+    "migrations_ops.change_flags",
+    "incidents.run_drill",
 ]
 
 ADMIN_MODELS = [
     ("migrations_ops", "target"),
     ("migrations_ops", "alertthresholds"),
+    ("migrations_ops", "apitoken"),
+    ("incidents", "drill"),
     ("incidents", "escalationcontact"),
     ("auth", "user"),
     ("auth", "group"),
