@@ -100,6 +100,40 @@ def staff_api(permission: str):
     return decorator
 
 
+def api_reader(permission: str):
+    """Read-only endpoints: an application's ``Authorization: Bearer TOKEN`` (sets
+    ``request.api_token``; the view keeps to the token's targets with ``may_read``) or a staff
+    session holding ``permission`` (``request.api_token`` is None)."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapper(request, *args, **kwargs):
+            header = request.headers.get("Authorization", "")
+            if header:
+                scheme, _, raw = header.partition(" ")
+                if scheme.lower() != "bearer" or not raw.strip():
+                    return json_error(
+                        401, "not_authenticated", "send the token as: Authorization: Bearer TOKEN"
+                    )
+                try:
+                    request.api_token = services.authenticate_api_token(raw.strip())
+                except services.InvalidToken as error:
+                    return json_error(401, "invalid_token", str(error))
+                return view(request, *args, **kwargs)
+            request.api_token = None
+            return staff_api(permission)(view)(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def may_read(request, target) -> bool:
+    """Whether the caller may read ``target``: staff sessions read all, tokens their scope."""
+    token = getattr(request, "api_token", None)
+    return token is None or target.pk in token.target_ids
+
+
 @allow("GET")
 @staff_api("migrations_ops.view_target")
 def migrations_status(request):

@@ -12,8 +12,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from incidents.models import OPEN_STATUSES
-from migrations_ops.models import AlertThresholds as AlertThresholdsRow
 from migrations_ops.models import (
+    FLAG_FIELDS,
     AuditEvent,
     LockObservation,
     LockState,
@@ -23,6 +23,7 @@ from migrations_ops.models import (
     OperationStatus,
     Target,
 )
+from migrations_ops.models import AlertThresholds as AlertThresholdsRow
 
 
 def targets_with_observations() -> QuerySet[Target]:
@@ -138,6 +139,11 @@ def operation_report(operation: Operation) -> dict[str, Any]:
         "result": operation.result,
         "log": operation.log.splitlines(),
     }
+
+
+def flags_of(target: Target) -> dict[str, Any]:
+    """The runtime flags an application's auto-migrator obeys, by their runbook names."""
+    return {name: getattr(target, field) for name, field in FLAG_FIELDS.items()}
 
 
 def operations_for_target(target: Target) -> QuerySet[Operation]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from migrations_ops.models import (
     ACTIVE_STATUSES,
     TARGET_SETTINGS,
     AlertThresholds,
+    ApiToken,
     AuditEvent,
     Environment,
     LockObservation,
@@ -106,6 +108,37 @@ def record_audit_event(
         operation=operation,
         details=details or {},
     )
+
+
+class InvalidToken(ServiceError):
+    pass
+
+
+# How often a token's ``last_used_at`` is written: often enough to tell an unused token, rarely
+# enough that a busy application's polling costs no write per request.
+TOKEN_USE_RESOLUTION = dt.timedelta(minutes=1)
+
+
+def hash_api_token(raw: str) -> str:
+    # The token is 32 random bytes: a fast hash suffices (nothing to guess by brute force).
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def authenticate_api_token(raw: str) -> ApiToken:
+    """The active token ``raw`` is, with its targets' ids in ``target_ids``; InvalidToken if
+    none (unknown or revoked)."""
+    token = (
+        ApiToken.objects.filter(token_hash=hash_api_token(raw), revoked_at__isnull=True)
+        .only("id", "name", "prefix", "last_used_at")
+        .first()
+    )
+    if token is None:
+        raise InvalidToken("the API token is unknown or revoked")
+    token.target_ids = frozenset(token.targets.values_list("id", flat=True))
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at > TOKEN_USE_RESOLUTION:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token
 
 
 def get_target(name: str) -> Target:
