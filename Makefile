@@ -36,6 +36,7 @@ check-deploy: install  ## Django's deployment checks under production settings
 	DJANGO_SETTINGS_MODULE=opsconsole.settings_production \
 	SECRET_KEY=$$($(BIN)/python -c "import secrets; print(secrets.token_urlsafe(64))") \
 	ALLOWED_HOSTS=console.example.com \
+	TARGET_SECRET_KEY=$$($(BIN)/python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())") \
 	$(BIN)/python manage.py check --deploy --fail-level WARNING
 
 bench: install  ## benchmarks under bench/ (need PostgreSQL and Redis)

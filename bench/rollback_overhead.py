@@ -370,7 +370,7 @@ class PhaseTimer:
 
         # Every round trip, attributed to the step it runs in.
         target_connection = engine_connection.TargetConnection
-        for name in ("fetch_dicts", "execute", "run", "columns"):
+        for name in ("fetch_dicts", "fetch_table", "execute", "run", "columns"):
             wrap(target_connection, name, "target SQL")
         transaction = target_connection.transaction
         target_connection.transaction = self._timed_transaction(transaction)

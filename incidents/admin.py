@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from django import forms
 from django.contrib import admin, messages
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
@@ -12,6 +13,8 @@ from incidents import admin_views, selectors, services
 from incidents.models import (
     ActionItem,
     ChecklistItem,
+    Drill,
+    DrillRun,
     EscalationContact,
     Incident,
     IncidentStatus,
@@ -21,7 +24,8 @@ from incidents.models import (
 )
 from migrations_ops.actors import Actor
 from migrations_ops.admin import ReadOnlyAdmin
-from migrations_ops.models import Door
+from migrations_ops.admin_history import AuditHistoryMixin
+from migrations_ops.models import Door, Environment, Target
 from migrations_ops.services import ServiceError
 
 VERDICT_COLOURS = {
@@ -47,12 +51,41 @@ class BreachedFilter(admin.SimpleListFilter):
         return [("yes", "Breached"), ("no", "Not breached")]
 
     def queryset(self, request, queryset):
-        breaching = selectors.incidents_breaching().values("pk")
+        breaching = selectors.incidents_breaching(Incident.objects.all()).values("pk")
         if self.value() == "yes":
             return queryset.filter(pk__in=breaching)
         if self.value() == "no":
             return queryset.exclude(pk__in=breaching)
         return queryset
+
+
+class DrillsFilter(admin.SimpleListFilter):
+    """Real incidents by default: drills are rehearsals, kept out of the real figures."""
+
+    title = "drills"
+    parameter_name = "drills"
+    DEFAULT = "real"
+
+    def lookups(self, request, model_admin):
+        return [("real", "Real incidents only"), ("drills", "Drills only"), ("all", "All")]
+
+    def value(self):
+        return super().value() or self.DEFAULT
+
+    def choices(self, changelist):
+        for lookup, title in self.lookup_choices:
+            yield {
+                "selected": self.value() == lookup,
+                "query_string": changelist.get_query_string({self.parameter_name: lookup}),
+                "display": title,
+            }
+
+    def queryset(self, request, queryset):
+        if self.value() == "drills":
+            return queryset.filter(is_drill=True)
+        if self.value() == "all":
+            return queryset
+        return queryset.filter(is_drill=False)
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -96,7 +129,7 @@ class ActionItemInline(ReadOnlyInline):
 
 
 @admin.register(Incident)
-class IncidentAdmin(admin.ModelAdmin):
+class IncidentAdmin(AuditHistoryMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "title",
@@ -109,7 +142,14 @@ class IncidentAdmin(admin.ModelAdmin):
         "objectives_column",
     ]
     list_display_links = ["id", "title"]
-    list_filter = ["status", "severity", "scenario", "affected_targets", BreachedFilter]
+    list_filter = [
+        DrillsFilter,
+        "status",
+        "severity",
+        "scenario",
+        "affected_targets",
+        BreachedFilter,
+    ]
     actions = ["run_checks"]
     search_fields = ["title", "culprit_migration", "commander_name"]
     filter_horizontal = ["affected_targets"]
@@ -377,7 +417,7 @@ class EscalationContactAdmin(admin.ModelAdmin):
 
 
 @admin.register(ActionItem)
-class ActionItemAdmin(ReadOnlyAdmin):
+class ActionItemAdmin(AuditHistoryMixin, ReadOnlyAdmin):
     """Every follow-up across incidents; changed from its incident's page."""
 
     list_display = ["id", "incident", "title", "kind", "owner_name", "due_date", "status"]
@@ -394,3 +434,136 @@ class PostmortemAddendumAdmin(ReadOnlyAdmin):
     list_select_related = ["incident"]
     fields = list_display
     readonly_fields = fields
+
+
+# --- drills ----------------------------------------------------------------------------------
+def crontab_text(drill: Drill) -> str:
+    task = drill.periodic_task
+    if task is None or task.crontab is None:
+        return "not scheduled"
+    crontab = task.crontab
+    months = "every month" if crontab.month_of_year == "*" else f"months {crontab.month_of_year}"
+    when = (
+        f"day {crontab.day_of_month} of {months}, {int(crontab.hour):02d}:{int(crontab.minute):02d}"
+    )
+    return f"{when} {crontab.timezone}" + ("" if task.enabled else " (disabled)")
+
+
+class DrillForm(forms.ModelForm):
+    class Meta:
+        model = Drill
+        fields = ["kind", "target", "enabled"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "target" in self.fields:
+            self.fields["target"].queryset = Target.objects.filter(
+                environment=Environment.SANDBOX
+            ).order_by("name")
+            self.fields["target"].help_text = "Drills make real faults: sandbox targets only."
+
+
+@admin.register(Drill)
+class DrillAdmin(admin.ModelAdmin):
+    """The runbook's drills: scheduled (django-celery-beat) through ``services.schedule_drill``,
+    run on demand on a worker (``services.request_drill``), like an operation."""
+
+    form = DrillForm
+    list_display = ["kind", "target", "enabled", "schedule", "last_run", "overdue"]
+    list_select_related = ["target", "periodic_task__crontab"]
+    actions = ["run_now"]
+
+    def get_readonly_fields(self, request, obj=None):
+        shown = ["schedule", "last_run", "overdue", "created_at"]
+        return [*shown, "kind", "target"] if obj is not None else shown
+
+    def get_fields(self, request, obj=None):
+        return ["kind", "target", "enabled", "schedule", "last_run", "overdue", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        drill = services.schedule_drill(
+            actor=Actor.for_user(request.user, Door.ADMIN),
+            kind=obj.kind,
+            target=obj.target,
+            enabled=obj.enabled,
+        )
+        obj.pk = drill.pk
+        obj.periodic_task = drill.periodic_task
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # its runs are history; disable it instead
+
+    def has_run_drill_permission(self, request):
+        return request.user.has_perm("incidents.run_drill")
+
+    @admin.display(description="Schedule (UTC)")
+    def schedule(self, obj):
+        return crontab_text(obj) if obj.pk else "-"
+
+    @admin.display(description="Last run")
+    def last_run(self, obj):
+        run = selectors.drill_state(obj).last_run if obj.pk else None
+        if run is None:
+            return "never"
+        return format_html(
+            '<a href="{}">#{} {}</a>, {}',
+            reverse("admin:incidents_drillrun_change", args=[run.pk]),
+            run.pk,
+            run.get_status_display().lower(),
+            services.utc(run.started_at),
+        )
+
+    @admin.display(description="Overdue", boolean=True)
+    def overdue(self, obj):
+        return selectors.drill_state(obj).overdue if obj.pk else None
+
+    @admin.action(description="Run drill now (on a worker)", permissions=["run_drill"])
+    def run_now(self, request, queryset):
+        actor = Actor.for_user(request.user, Door.ADMIN)
+        for drill in queryset.select_related("target"):
+            try:
+                run = services.request_drill(actor=actor, drill=drill)
+            except ServiceError as error:
+                self.message_user(request, f"{drill}: {error}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    format_html(
+                        '{}: run <a href="{}">#{}</a> started',
+                        drill,
+                        reverse("admin:incidents_drillrun_change", args=[run.pk]),
+                        run.pk,
+                    ),
+                    messages.SUCCESS,
+                )
+
+
+@admin.register(DrillRun)
+class DrillRunAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "drill",
+        "status",
+        "started_at",
+        "started_by",
+        "scheduled",
+        "detect_seconds",
+        "mitigate_seconds",
+        "recover_seconds",
+        "met_objectives",
+        "incident_link",
+    ]
+    list_filter = ["status", "drill__kind", "scheduled"]
+    list_select_related = ["drill__target", "incident"]
+    fields = [*list_display, "finished_at", "error", "log"]
+    readonly_fields = fields
+
+    @admin.display(description="Drill incident")
+    def incident_link(self, obj):
+        if obj.incident_id is None:
+            return "-"
+        return format_html(
+            '<a href="{}">#{}</a>',
+            reverse("admin:incidents_incident_change", args=[obj.incident_id]),
+            obj.incident_id,
+        )

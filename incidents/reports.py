@@ -16,6 +16,7 @@ from django.utils import timezone
 from incidents import selectors
 from incidents.charts import Point, as_minutes, format_minutes, strip_chart
 from incidents.models import ActionItem, Incident, Scenario, Severity
+from opsconsole.spreadsheets import spreadsheet_safe
 
 VIEW_PERMISSION = "incidents.view_incident"
 
@@ -221,14 +222,6 @@ CSV_HEADER = [
     "process improvements",
     "action items",
 ]
-# A spreadsheet runs a cell starting with one of these as a formula (CSV injection).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(value):
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return f"'{value}"
-    return value
 
 
 def csv_time(moment: dt.datetime | None) -> str:

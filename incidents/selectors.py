@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.db.models import (
     DateTimeField,
     Exists,
@@ -31,6 +32,9 @@ from incidents.models import (
     OPEN_STATUSES,
     PHASES,
     ActionItem,
+    Drill,
+    DrillRun,
+    DrillRunStatus,
     EntryKind,
     Incident,
     IncidentStatus,
@@ -83,9 +87,10 @@ def objective_results(incident: Incident, now: dt.datetime | None = None) -> lis
 def incidents_breaching(
     queryset: QuerySet[Incident] | None = None, now: dt.datetime | None = None
 ) -> QuerySet[Incident]:
-    """Incidents with at least one objective breached (finished late, or overdue now)."""
+    """Incidents with at least one objective breached (finished late, or overdue now); the
+    real ones (drills left out) unless ``queryset`` says otherwise."""
     now = now or timezone.now()
-    queryset = Incident.objects.all() if queryset is None else queryset
+    queryset = Incident.objects.filter(is_drill=False) if queryset is None else queryset
     annotations = {}
     condition = Q()
     for phase, ends in PHASES.items():
@@ -239,7 +244,10 @@ def objectives_report(
     detected time it is always set and never corrected. A phase not over yet is counted as
     pending and left out of the figures."""
     now = now or timezone.now()
-    incidents = Incident.objects.only(*REPORT_COLUMNS).order_by("opened_at", "id")
+    # Real incidents only: a drill is scored on its own run (DrillRun.met_objectives).
+    incidents = (
+        Incident.objects.filter(is_drill=False).only(*REPORT_COLUMNS).order_by("opened_at", "id")
+    )
     if scenario:
         incidents = incidents.filter(scenario=scenario)
     if since is not None:
@@ -311,8 +319,10 @@ def lessons_learned(
     """Closed incidents, last closed first, with their action items: two queries however many
     there are. ``closed_since`` ≤ closed < ``closed_until``; every word of ``search`` must be
     in the title, root cause, prevention measures or process improvements."""
-    incidents = closed_incidents().prefetch_related(
-        Prefetch("action_items", queryset=ActionItem.objects.order_by("id"))
+    incidents = (
+        closed_incidents()
+        .filter(is_drill=False)  # a drill's lessons are on its DrillRun
+        .prefetch_related(Prefetch("action_items", queryset=ActionItem.objects.order_by("id")))
     )
     if scenario:
         incidents = incidents.filter(scenario=scenario)
@@ -337,12 +347,14 @@ def lessons_learned(
 
 def incidents_to_serve(target) -> list[Incident]:
     """The incidents an operation on ``target`` may serve: every one not closed, those with the
-    target among their affected ones first (``affects_target``), newest first."""
+    target among their affected ones first (``affects_target``), newest first. Drill
+    incidents are served by their drill's own operations only."""
     affecting = Incident.affected_targets.through.objects.filter(
         incident=OuterRef("pk"), target=target
     )
     return list(
         Incident.objects.exclude(status=IncidentStatus.CLOSED)
+        .filter(is_drill=False)
         .annotate(affects_target=Exists(affecting))
         .order_by("-affects_target", "-opened_at", "-id")
     )
@@ -370,14 +382,99 @@ def commanders():
 
 def incidents_to_note(operation: Operation) -> list[Incident]:
     """The incidents an operation lands on: the one it serves (unless closed) and every open
-    incident with its target among the affected ones, each once."""
+    real incident with its target among the affected ones, each once. A drill incident gets
+    only the operations that serve it (its drill's own)."""
+    if operation.incident_id is None and not _open_incident_affects(operation.target_id):
+        # As most of the time: one plain query, instead of the ORM compiling a 40-column
+        # query with a subquery (longer than PostgreSQL takes to run it), twice per operation.
+        return []
     affecting = Incident.affected_targets.through.objects.filter(
         target_id=operation.target_id
     ).values("incident_id")
     return list(
         Incident.objects.filter(
-            Q(status__in=OPEN_STATUSES, pk__in=affecting) | Q(pk=operation.incident_id)
+            Q(status__in=OPEN_STATUSES, is_drill=False, pk__in=affecting)
+            | Q(pk=operation.incident_id)
         )
         .exclude(status=IncidentStatus.CLOSED)
         .order_by("pk")
     )
+
+
+def open_incidents_affecting(target) -> list[Incident]:
+    """The open incidents with ``target`` among their affected ones: where its flag changes
+    are noted."""
+    return list(
+        Incident.objects.filter(status__in=OPEN_STATUSES, affected_targets=target).order_by("pk")
+    )
+
+
+def _open_incident_affects(target_id: int) -> bool:
+    """Whether any open real incident (drills aside) lists the target among the affected
+    ones."""
+    quote = connection.ops.quote_name
+    links = Incident.affected_targets.through._meta
+    incidents = Incident._meta
+    link_incident = quote(links.get_field("incident").column)
+    link_target = quote(links.get_field("target").column)
+    status = quote(incidents.get_field("status").column)
+    is_drill = quote(incidents.get_field("is_drill").column)
+    marks = ", ".join(["%s"] * len(OPEN_STATUSES))
+    query = (
+        f"SELECT 1 FROM {quote(links.db_table)} link"  # noqa: S608 (names from the models)
+        f" JOIN {quote(incidents.db_table)} incident"
+        f" ON incident.{quote(incidents.pk.column)} = link.{link_incident}"
+        f" WHERE link.{link_target} = %s AND incident.{status} IN ({marks})"
+        f" AND incident.{is_drill} = %s LIMIT 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(query, [target_id, *(str(status) for status in OPEN_STATUSES), False])
+        return cursor.fetchone() is not None
+
+
+# --- drills ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DrillState:
+    """A drill as the dashboard shows it."""
+
+    drill: Drill
+    last_run: DrillRun | None
+    last_success: DrillRun | None
+    overdue: bool
+    due_since: dt.datetime | None  # when it fell due (None: never succeeded, so always)
+
+
+def drill_states(now: dt.datetime | None = None) -> list[DrillState]:
+    """Every drill with its last run and whether it is overdue: never run successfully, or
+    its last success is older than its interval (DRILL_INTERVALS). Three queries."""
+    now = now or timezone.now()
+    drills = list(Drill.objects.select_related("target", "periodic_task__crontab"))
+    newest = DrillRun.objects.filter(drill=OuterRef("pk")).order_by("-started_at", "-id")
+    ids = Drill.objects.filter(pk__in=[d.pk for d in drills]).annotate(
+        last_run_id=Subquery(newest.values("pk")[:1]),
+        last_success_id=Subquery(newest.filter(status=DrillRunStatus.SUCCEEDED).values("pk")[:1]),
+    )
+    last = {row.pk: (row.last_run_id, row.last_success_id) for row in ids}
+    runs = DrillRun.objects.select_related("incident").in_bulk(
+        [run_id for pair in last.values() for run_id in pair if run_id]
+    )
+    states = []
+    for drill in drills:
+        last_run_id, last_success_id = last.get(drill.pk, (None, None))
+        success = runs.get(last_success_id)
+        succeeded_at = (success.finished_at or success.started_at) if success else None
+        due_since = succeeded_at + drill.interval if succeeded_at else None
+        states.append(
+            DrillState(
+                drill=drill,
+                last_run=runs.get(last_run_id),
+                last_success=success,
+                overdue=due_since is None or due_since < now,
+                due_since=due_since,
+            )
+        )
+    return states
+
+
+def drill_state(drill: Drill, now: dt.datetime | None = None) -> DrillState:
+    return next(state for state in drill_states(now) if state.drill.pk == drill.pk)

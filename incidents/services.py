@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
 from incidents import selectors
 from incidents.models import (
@@ -27,6 +28,10 @@ from incidents.models import (
     ChecklistItem,
     ChecklistKey,
     CheckResult,
+    Drill,
+    DrillKind,
+    DrillRun,
+    DrillRunStatus,
     EntryKind,
     EscalationContact,
     EscalationLevel,
@@ -39,10 +44,11 @@ from incidents.models import (
     TimelineEntry,
 )
 from migrations_ops import engine
+from migrations_ops import selectors as ops_selectors
 from migrations_ops import services as ops
 from migrations_ops.actors import Actor
 from migrations_ops.engine import health
-from migrations_ops.models import Operation, Target
+from migrations_ops.models import Environment, FlagChange, FlagChangeKind, Operation, Target
 from migrations_ops.services import InvalidRequest, ServiceError, require_permission
 
 TIMESTAMP_LABELS = {
@@ -82,6 +88,38 @@ def add_entry(
     )
 
 
+def record_change(
+    actor: Actor,
+    incident: Incident,
+    kind: str,
+    text: str,
+    *,
+    action: str,
+    details: dict | None = None,
+    subject=None,
+    before: dict | None = None,
+    after: dict | None = None,
+) -> TimelineEntry:
+    """A person's change, noted twice in the same words: on the incident's timeline (as it
+    always was) and on the audit trail, with the changed fields before → after for the History
+    page of ``subject`` (the incident, unless an action item or checklist item). The audit
+    event comes last: the audit chain's lock is the last one a transaction takes."""
+    entry = add_entry(incident, kind, text, actor=actor, details=details)
+    ops.record_audit_event(
+        actor,
+        action,
+        details={"incident": incident.pk, "text": text},
+        subject=subject if subject is not None else incident,
+        before=before,
+        after=after,
+    )
+    return entry
+
+
+def _iso(moment: dt.datetime | dt.date | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
 def open_incident(
     *,
     actor: Actor,
@@ -92,8 +130,10 @@ def open_incident(
     culprit_migration: str = "",
     impact_started_at: dt.datetime | None = None,
     commander=None,
+    is_drill: bool = False,
 ) -> Incident:
-    """Open an incident, detected now, with its scenario's objectives copied as they stand."""
+    """Open an incident, detected now, with its scenario's objectives copied as they stand.
+    ``is_drill``: a drill's (``run_drill``), kept out of the real incident figures."""
     require_permission(actor, OPEN_PERMISSION, "open incidents")
     title = (title or "").strip()
     if not title:
@@ -127,17 +167,26 @@ def open_incident(
             detect_objective=objective.detect_within if objective else None,
             mitigate_objective=objective.mitigate_within if objective else None,
             recover_objective=objective.recover_within if objective else None,
+            is_drill=is_drill,
         )
         incident.affected_targets.set(targets or [])
         ChecklistItem.objects.bulk_create(
             ChecklistItem(incident=incident, key=key) for key in CHECKLIST_KEYS
         )
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.OPENED,
             f"Opened: {incident.get_severity_display()} {incident.get_scenario_display()}, "
             f"commander {incident.commander_name}",
-            actor=actor,
+            action="incident.opened",
+            after={
+                "title": incident.title,
+                "scenario": incident.scenario,
+                "severity": incident.severity,
+                "commander": incident.commander_name,
+                "affected_targets": sorted(t.name for t in targets or []),
+            },
             details={
                 "targets": sorted(t.name for t in targets or []),
                 "objectives_seconds": {
@@ -203,21 +252,29 @@ def update_incident(*, actor: Actor, incident: Incident, changed: list[str]) -> 
         raise InvalidRequest(f"unknown severity {incident.severity!r}")
     with transaction.atomic():
         # The stored status, not the instance's: the form's copy may be stale.
-        _refuse_frozen(_locked(incident))
+        stored = _locked(incident)
+        _refuse_frozen(stored)
         incident.save(update_fields=changed)
         labels = [str(Incident._meta.get_field(name).verbose_name) for name in changed]
-        add_entry(
+        differ = [name for name in changed if getattr(stored, name) != getattr(incident, name)]
+        record_change(
+            actor,
             incident,
             EntryKind.EDIT,
             f"Edited: {', '.join(labels)}",
-            actor=actor,
+            action="incident.changed",
             details={"fields": changed},
+            before={name: getattr(stored, name) for name in differ},
+            after={name: getattr(incident, name) for name in differ},
         )
     return incident
 
 
 def _locked(incident: Incident) -> Incident:
-    return Incident.objects.select_for_update().get(pk=incident.pk)
+    # FOR NO KEY UPDATE: it serialises the incident's services, yet lets a timeline entry be
+    # written meanwhile by a transaction that already holds the audit chain's lock
+    # (migrations_ops.audit_chain), which a plain FOR UPDATE would deadlock with.
+    return Incident.objects.select_for_update(no_key=True).get(pk=incident.pk)
 
 
 def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
@@ -247,12 +304,15 @@ def change_status(*, actor: Actor, incident: Incident, status: str) -> Incident:
         if status == IncidentStatus.CLOSED:
             incident.closed_at = timezone.now()
         incident.save(update_fields=["status", "closed_at"])
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.STATUS,
             f"Status: {IncidentStatus(before).label} → {IncidentStatus(status).label}",
-            actor=actor,
+            action="incident.status_changed",
             details={"before": before, "after": status},
+            before={"status": before},
+            after={"status": status},
         )
         reached = STATUS_ORDER.index(status)
         if reached >= STATUS_ORDER.index(IncidentStatus.MONITORING):
@@ -337,11 +397,14 @@ def _set_timestamp(
     incident.save(update_fields=[f"{name}_at", f"{name}_by", f"{name}_auto"])
     how = " (automatically)" if automatic else ""
     was = f" (was {utc(before)})" if before else ""
-    add_entry(
+    record_change(
+        actor,
         incident,
         EntryKind.TIMESTAMP,
         f"{TIMESTAMP_LABELS[name].capitalize()} at {utc(when)}{was}{how}",
-        actor=actor,
+        action="incident.timestamp_set",
+        before={f"{name}_at": _iso(before)},
+        after={f"{name}_at": _iso(when)},
         details={
             "timestamp": name,
             "before": before.isoformat() if before else None,
@@ -380,11 +443,14 @@ def escalate(*, actor: Actor, incident: Incident, level: int, reason: str) -> In
             reached = f"; reaches {contact.team} ({contact_channels(contact)})"
         else:
             reached = "; no contact recorded for this level"
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.ESCALATION,
             f"{verb} to {EscalationLevel(level).label}: {reason}{reached}",
-            actor=actor,
+            action="incident.escalated",
+            before={"escalation_level": before},
+            after={"escalation_level": level},
             details={
                 "before": before,
                 "after": level,
@@ -401,7 +467,7 @@ def add_note(*, actor: Actor, incident: Incident, text: str) -> TimelineEntry:
     text = (text or "").strip()
     if not text:
         raise InvalidRequest("a note cannot be empty")
-    return add_entry(incident, EntryKind.NOTE, text, actor=actor)
+    return record_change(actor, incident, EntryKind.NOTE, text, action="incident.note_added")
 
 
 def correct_entry(*, actor: Actor, entry: TimelineEntry, text: str) -> TimelineEntry:
@@ -410,13 +476,20 @@ def correct_entry(*, actor: Actor, entry: TimelineEntry, text: str) -> TimelineE
     text = (text or "").strip()
     if not text:
         raise InvalidRequest("a correction cannot be empty")
-    return add_entry(
+    corrected = add_entry(
         entry.incident,
         EntryKind.CORRECTION,
         f"Correction of entry #{entry.pk}: {text}",
         actor=actor,
         corrects=entry,
     )
+    ops.record_audit_event(
+        actor,
+        "incident.entry_corrected",
+        details={"incident": entry.incident_id, "entry": entry.pk, "text": corrected.text},
+        subject=entry.incident,
+    )
+    return corrected
 
 
 def change_commander(*, actor: Actor, incident: Incident, commander) -> Incident:
@@ -436,12 +509,15 @@ def change_commander(*, actor: Actor, incident: Incident, commander) -> Incident
         incident.commander = commander
         incident.commander_name = commander.get_username()
         incident.save(update_fields=["commander", "commander_name"])
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.EDIT,
             f"Commander: {before or 'nobody'} → {incident.commander_name}",
-            actor=actor,
+            action="incident.commander_changed",
             details={"fields": ["commander"], "before": before, "after": incident.commander_name},
+            before={"commander": before},
+            after={"commander": incident.commander_name},
         )
     return incident
 
@@ -506,12 +582,22 @@ def add_action_item(
             created_by=actor.name,
         )
         due = f", due {due_date.isoformat()}" if due_date else ""
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.ACTION_ITEM,
             f"Action item #{item.pk} added ({item.get_kind_display().lower()}): {title}; "
             f"owner {item.owner_name}{due}",
-            actor=actor,
+            action="action_item.added",
+            subject=item,
+            after={
+                "title": title,
+                "kind": kind,
+                "status": item.status,
+                "owner": item.owner_name,
+                "due_date": _iso(due_date),
+                "link": link,
+            },
             details={
                 "action_item": item.pk,
                 "title": title,
@@ -555,9 +641,13 @@ def update_action_item(
         item = ActionItem.objects.select_for_update().select_related("incident").get(pk=item.pk)
         changes = {}  # label → (before, after) as the timeline shows them
         fields = []
+        was, now = {}, {}  # field → value, for the audit trail
         for label, name, value in [("status", "status", status), ("due", "due_date", due_date)]:
             if value is not UNCHANGED and value != getattr(item, name):
                 before = getattr(item, name)
+                dated = name == "due_date"
+                was[name] = _iso(before) if dated else before
+                now[name] = _iso(value) if dated else value
                 if name == "status":  # as people read it: "In progress", not "in_progress"
                     changes[label] = (ActionItemStatus(before).label, ActionItemStatus(value).label)
                 else:
@@ -566,22 +656,28 @@ def update_action_item(
                 fields.append(name)
         if owner is not UNCHANGED and owner.pk != item.owner_id:
             changes["owner"] = (item.owner_name, owner.get_username())
+            was["owner"], now["owner"] = changes["owner"]
             item.owner, item.owner_name = owner, owner.get_username()
             fields += ["owner", "owner_name"]
         if link is not UNCHANGED and link != item.link:
             changes["link"] = (_shown(item.link), _shown(link))
+            was["link"], now["link"] = item.link, link
             item.link = link
             fields.append("link")
         if not changes:
             raise InvalidRequest(f"action item #{item.pk}: nothing to change")
         item.save(update_fields=fields)
         described = "; ".join(f"{label} {was} → {now}" for label, (was, now) in changes.items())
-        add_entry(
+        record_change(
+            actor,
             item.incident,
             EntryKind.ACTION_ITEM,
             f"Action item #{item.pk} ({item.title}): {described}",
-            actor=actor,
+            action="action_item.changed",
             details={"action_item": item.pk, "changes": changes},
+            subject=item,
+            before=was,
+            after=now,
         )
     return item
 
@@ -603,11 +699,12 @@ def add_addendum(*, actor: Actor, incident: Incident, text: str) -> PostmortemAd
         addendum = PostmortemAddendum.objects.create(
             incident=incident, added_by=actor.name, text=text
         )
-        add_entry(
+        record_change(
+            actor,
             incident,
             EntryKind.ADDENDUM,
             f"Post-mortem addendum #{addendum.pk}: {text}",
-            actor=actor,
+            action="incident.addendum_added",
             details={"addendum": addendum.pk},
         )
     return addendum
@@ -685,6 +782,32 @@ def record_operation(
     ]
 
 
+def record_flag_change(flag_change: FlagChange) -> list[TimelineEntry]:
+    """Note a change of a target's runtime flags on every open incident affecting the target.
+    Called by migrations_ops.services."""
+    target = flag_change.target
+    what = ops_selectors.describe_flag_change(flag_change)
+    kind = "" if flag_change.kind == FlagChangeKind.SET else f"{flag_change.get_kind_display()}: "
+    text = (
+        f"{kind}flags of {target.name}: {what} ({flag_change.reason}), by "
+        f"{flag_change.actor_name} via {flag_change.door}"
+    )
+    details = {
+        "flag_change": flag_change.pk,
+        "kind": flag_change.kind,
+        "before": flag_change.before,
+        "after": flag_change.after,
+        "stage_before": flag_change.stage_before,
+        "stage_after": flag_change.stage_after,
+    }
+    return [
+        add_entry(
+            incident, EntryKind.FLAG, text, actor_name=flag_change.actor_name, details=details
+        )
+        for incident in selectors.open_incidents_affecting(target)
+    ]
+
+
 # --- the validation checklist --------------------------------------------------------------
 def _refuse_closed(incident: Incident) -> None:
     if incident.status == IncidentStatus.CLOSED:
@@ -706,11 +829,15 @@ def _record_check(
     item.automatic = automatic
     item.save(update_fields=["result", "evidence", "checked_by", "checked_at", "automatic"])
     how = " (automatically)" if automatic else ""
-    add_entry(
+    record_change(
+        actor,
         item.incident,
         EntryKind.CHECKLIST,
         f"Checklist: {item.get_key_display()} {item.result}{how}: {evidence}",
-        actor=actor,
+        action="checklist.checked",
+        subject=item,
+        before={"result": before},
+        after={"result": item.result, "evidence": evidence},
         details={
             "item": item.key,
             "before": before,
@@ -811,3 +938,128 @@ def run_checks(*, actor: Actor, incident: Incident) -> list[ChecklistItem]:
             evidence = "; ".join(result[key][1] for result in results)
             items.append(_record_check(actor, item, passed, evidence, automatic=True))
     return items
+
+
+# --- drills ----------------------------------------------------------------------------------
+# The runbook's regular rehearsals on sandbox targets. The fault-making and the procedure are in
+# ``incidents.drills``; here, who may, where, and when.
+DRILL_PERMISSION = "incidents.run_drill"
+DRILL_TASK = "incidents.tasks.run_scheduled_drill"
+# A run still "running" after this is taken as lost (its process died): it no longer blocks.
+DRILL_RUN_LOST_AFTER = dt.timedelta(hours=2)
+# Celery beat's crontab per drill, in UTC: monthly on the 1st, quarterly on the 1st of
+# January, April, July and October, at 03:00.
+DRILL_CRONTABS = {
+    DrillKind.LOCK_RELEASE: {"minute": "0", "hour": "3", "day_of_month": "1", "month_of_year": "*"},
+    DrillKind.ROLLBACK: {
+        "minute": "0",
+        "hour": "3",
+        "day_of_month": "1",
+        "month_of_year": "1,4,7,10",
+    },
+}
+
+
+def _refuse_unless_sandbox(target: Target, what: str) -> None:
+    if target.environment != Environment.SANDBOX:
+        raise InvalidRequest(
+            f"{target.name} is a {target.get_environment_display().lower()} target: "
+            f"{what} only on a sandbox target"
+        )
+
+
+def schedule_drill(*, actor: Actor, kind: str, target: Target, enabled: bool = True) -> Drill:
+    """Create or change the drill of ``kind`` on ``target`` and its django-celery-beat
+    periodic task (DRILL_CRONTABS); a disabled drill's task is disabled with it."""
+    require_permission(actor, "incidents.add_drill", "schedule drills")
+    if kind not in DrillKind.values:
+        raise InvalidRequest(f"unknown drill {kind!r} (known: {', '.join(DrillKind.values)})")
+    _refuse_unless_sandbox(target, "drills are scheduled")
+    with transaction.atomic():
+        drill, created = Drill.objects.select_for_update().get_or_create(
+            kind=kind, target=target, defaults={"enabled": enabled}
+        )
+        crontab, _ = CrontabSchedule.objects.get_or_create(
+            **DRILL_CRONTABS[kind], day_of_week="*", timezone="UTC"
+        )
+        task = drill.periodic_task or PeriodicTask(name=f"drill #{drill.pk}: {drill}")
+        task.crontab = crontab
+        task.interval = None
+        task.task = DRILL_TASK
+        task.args = json.dumps([drill.pk])
+        task.enabled = enabled
+        task.description = f"The runbook's {drill.get_kind_display().lower()} on {target.name}"
+        task.save()
+        drill.enabled = enabled
+        drill.periodic_task = task
+        drill.save(update_fields=["enabled", "periodic_task"])
+        ops.record_audit_event(
+            actor,
+            "drill.scheduled" if created else "drill.changed",
+            target=target,
+            details={"drill": drill.pk, "kind": kind, "enabled": enabled},
+        )
+    return drill
+
+
+def start_drill(*, actor: Actor, drill: Drill, scheduled: bool = False) -> DrillRun:
+    """Write the run (status running) once nothing refuses it: a target not sandbox, or a run
+    of a drill on that target still running. ``perform_drill_run`` then does the work."""
+    require_permission(actor, DRILL_PERMISSION, "run drills")
+    target = drill.target
+    _refuse_unless_sandbox(target, "drills run")
+    with transaction.atomic():
+        Target.objects.select_for_update().get(pk=target.pk)  # one starter at a time
+        # A run whose process died (worker killed, host rebooted) would block every later one.
+        lost_before = timezone.now() - DRILL_RUN_LOST_AFTER
+        DrillRun.objects.filter(
+            drill__target=target, status=DrillRunStatus.RUNNING, started_at__lt=lost_before
+        ).update(
+            status=DrillRunStatus.FAILED,
+            finished_at=timezone.now(),
+            error=f"lost: not finished within {DRILL_RUN_LOST_AFTER}",
+        )
+        running = (
+            DrillRun.objects.filter(drill__target=target, status=DrillRunStatus.RUNNING)
+            .select_related("drill")
+            .first()
+        )
+        if running is not None:
+            raise InvalidRequest(
+                f"drill run #{running.pk} ({running.drill.get_kind_display().lower()}) is still "
+                f"running on {target.name}: wait for it to finish"
+            )
+        run = DrillRun.objects.create(drill=drill, started_by=actor.name, scheduled=scheduled)
+        ops.record_audit_event(
+            actor,
+            "drill.started",
+            target=target,
+            details={"drill": drill.pk, "kind": drill.kind, "run": run.pk, "scheduled": scheduled},
+        )
+    return run
+
+
+def perform_drill_run(run_id: int) -> DrillRun:
+    """Make the fault, follow the procedure, record and score it (``incidents.drills``)."""
+    from incidents import drills  # it builds on this module's services
+
+    run = DrillRun.objects.select_related("drill__target").get(pk=run_id)
+    if run.status != DrillRunStatus.RUNNING or run.log:
+        return run  # done, or under way elsewhere (a task delivered twice)
+    return drills.perform(run)
+
+
+def run_drill(*, actor: Actor, drill: Drill, scheduled: bool = False) -> DrillRun:
+    """Run the drill here and now, to the end (CLI, schedule)."""
+    run = start_drill(actor=actor, drill=drill, scheduled=scheduled)
+    return perform_drill_run(run.pk)
+
+
+def request_drill(*, actor: Actor, drill: Drill) -> DrillRun:
+    """Start the drill on a worker (admin): the run is written first, like an operation, and
+    the task sent once it is committed."""
+    from incidents.tasks import run_drill_task
+
+    run = start_drill(actor=actor, drill=drill)
+    transaction.on_commit(lambda: run_drill_task.delay(run.pk))
+    return run

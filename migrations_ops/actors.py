@@ -36,6 +36,13 @@ class Actor:
         """The periodic sweeper (``services.sweep_operations`` run by Celery beat)."""
         return cls.worker("sweeper")
 
+    @classmethod
+    def auto_migrator(cls, application: str) -> Actor:
+        """An application's own migrator at start-up (``ops automigrate``), on this host."""
+        return cls(
+            user=None, name=f"automigrate:{application}@{socket.gethostname()}", door=Door.CLI
+        )
+
     def has_perm(self, permission: str) -> bool:
         if self.user is None:
             return True

@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
+from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from migrations_ops import selectors, services
+# admin_tokens registers the API tokens' admin.
+from migrations_ops import admin_tokens, selectors, services  # noqa: F401
 from migrations_ops.actors import Actor
+from migrations_ops.admin_flags import TargetFlagsMixin
+from migrations_ops.admin_history import AuditHistoryMixin
 from migrations_ops.admin_operations import (
     TARGET_ACTIONS,
     TargetOperationsMixin,
@@ -29,6 +34,7 @@ from migrations_ops.models import (
     AlertThresholds,
     AuditEvent,
     Door,
+    FlagChange,
     LockState,
     MigrationScript,
     Operation,
@@ -53,14 +59,15 @@ def pretty_json(value) -> str:
 
 
 @admin.register(Target)
-class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
+class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, admin.ModelAdmin):
     form = TargetForm
     list_display = ["name", "environment", "convention", "lock_column", "observed_column"]
     list_filter = ["environment", "convention"]
     search_fields = ["name"]
     list_select_related = ["lock_observation"]
-    readonly_fields = ["masked_url", "lock_column", "created_at", "updated_at"]
+    readonly_fields = ["masked_url", "lock_column", "flags_column", "created_at", "updated_at"]
     actions = [
+        "emergency_disable",
         "force_unlock",
         "refresh_status",
         verify_targets,
@@ -71,7 +78,8 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
         fields = list(TARGET_SETTINGS)
         if obj is not None:
             fields[3:3] = ["masked_url"]
-            fields += ["lock_column", "created_at", "updated_at"]
+            # The flags change only on their own page (the services keep their history).
+            fields += ["flags_column", "lock_column", "created_at", "updated_at"]
         return fields
 
     @admin.display(description="Connection (masked)")
@@ -147,6 +155,7 @@ class TargetAdmin(TargetOperationsMixin, admin.ModelAdmin):
                 name="migrations_ops_target_force_unlock",
             ),
             *self.get_operation_urls(),
+            *self.get_flag_urls(),
             *super().get_urls(),
         ]
 
@@ -316,11 +325,14 @@ class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
 class AuditEventAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
     list_display = ["created_at", "actor_name", "door", "action", "target_name", "operation_id"]
     # As for operations above.
+    # The date drill-down is period_filter (large_tables.py): date_hierarchy's SELECT DISTINCT
+    # over every row would not hold at millions of rows.
     list_filter = [
         period_filter("created_at", "created"),
         "door",
-        values_filter("action", "action", "action"),
+        values_filter("action", "action", "kind"),
         values_filter("target_name", "target", "target"),
+        values_filter("actor_name", "user", "user"),
     ]
     search_fields = ["actor_name", "target_name", "action"]  # see LargeTableAdminMixin
     search_columns = ("actor_name", "target_name", "action")
@@ -336,13 +348,72 @@ class AuditEventAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
         "action",
         "target_name",
         "operation",
+        "ip",
+        "request_id",
+        "object_display",
+        "changes_display",
         "details_display",
+        "previous_hash",
+        "hash",
     ]
     readonly_fields = fields
 
     @admin.display(description="Details")
     def details_display(self, obj):
         return pretty_json(obj.details)
+
+    @admin.display(description="About")
+    def object_display(self, obj):
+        if not obj.object_model:
+            return "-"
+        return f"{obj.object_model} #{obj.object_id}"
+
+    @admin.display(description="Before → after")
+    def changes_display(self, obj):
+        changes = selectors.field_changes(obj)
+        if not changes:
+            return "-"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((name, json.dumps(before), json.dumps(after)) for name, before, after in changes),
+        )
+        return format_html(
+            "<table><thead><tr><th>Field</th><th>Before</th><th>After</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            rows,
+        )
+
+    def get_urls(self):
+        return [
+            path(
+                "export/",
+                self.admin_site.admin_view(self.export_view),
+                name="migrations_ops_auditevent_export",
+            ),
+            *super().get_urls(),
+        ]
+
+    def export_view(self, request):
+        """The changelist's rows as CSV, with the same filters and search (the link carries
+        the changelist's query string), streamed: any number of rows in constant memory."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            queryset = self.get_changelist_instance(request).get_queryset(request)
+        except IncorrectLookupParameters:
+            self.message_user(request, "Unknown filter: nothing exported.", messages.ERROR)
+            return redirect("admin:migrations_ops_auditevent_changelist")
+        filters = {key: request.GET.get(key) for key in sorted(request.GET)}
+        services.record_history_export(
+            actor=Actor.for_user(request.user, Door.ADMIN), filters=filters
+        )
+        response = StreamingHttpResponse(
+            selectors.audit_events_csv(queryset), content_type="text/csv; charset=utf-8"
+        )
+        stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+        response["Content-Disposition"] = f'attachment; filename="audit-events-{stamp}.csv"'
+        return response
 
 
 @admin.register(MigrationScript)
@@ -415,3 +486,39 @@ class AlertThresholdsAdmin(admin.ModelAdmin):
             thresholds=obj,
             changed=form.changed_data,
         )
+
+
+@admin.register(FlagChange)
+class FlagChangeAdmin(ReadOnlyAdmin):
+    """The flag history for auditors: every change, whichever door it came through."""
+
+    list_display = ["changed_at", "target", "kind", "actor_name", "door", "old_to_new", "reason"]
+    list_filter = ["kind", "door", "target"]
+    search_fields = ["actor_name", "target__name", "reason"]
+    list_select_related = ["target"]
+    fields = [
+        "changed_at",
+        "target",
+        "kind",
+        "actor_name",
+        "door",
+        "reason",
+        "old_to_new",
+        "stage_before",
+        "stage_after",
+        "before_display",
+        "after_display",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="Old → new")
+    def old_to_new(self, obj):
+        return selectors.describe_flag_change(obj)
+
+    @admin.display(description="Before")
+    def before_display(self, obj):
+        return pretty_json(obj.before)
+
+    @admin.display(description="After")
+    def after_display(self, obj):
+        return pretty_json(obj.after)

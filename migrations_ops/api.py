@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 from functools import wraps
 
-from django.http import JsonResponse
+from django.conf import settings
+from django.http import HttpResponse, HttpResponseNotModified, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
 
 from incidents import services as incident_services
 from incidents.models import Incident
-from migrations_ops import selectors, services
+from migrations_ops import openapi, selectors, services
 from migrations_ops.actors import Actor
-from migrations_ops.models import Door
+from migrations_ops.models import Door, Target
+from opsconsole.security import otp_required_for
 
 # How each refusal from the services reads over HTTP; anything else is a state conflict.
 ERROR_STATUS = [
@@ -91,6 +93,11 @@ def staff_api(permission: str):
             user = request.user
             if not user.is_authenticated:
                 return json_error(401, "not_authenticated", "log in to the console first")
+            if otp_required_for(user) and not user.is_verified():
+                # A session from before two-factor authentication was turned on.
+                return json_error(
+                    401, "not_verified", "log in to the admin again with your TOTP token"
+                )
             if not user.is_staff or not user.has_perm(permission):
                 return json_error(403, "forbidden", f"{user.get_username()} may not read this")
             return view(request, *args, **kwargs)
@@ -116,7 +123,7 @@ def api_reader(permission: str):
                         401, "not_authenticated", "send the token as: Authorization: Bearer TOKEN"
                     )
                 try:
-                    request.api_token = services.authenticate_api_token(raw.strip())
+                    request.api_token = services.authenticate_api_token_cached(raw.strip())
                 except services.InvalidToken as error:
                     return json_error(401, "invalid_token", str(error))
                 return view(request, *args, **kwargs)
@@ -130,28 +137,134 @@ def api_reader(permission: str):
 
 def may_read(request, target) -> bool:
     """Whether the caller may read ``target``: staff sessions read all, tokens their scope."""
+    return may_read_id(request, target.pk)
+
+
+def may_read_id(request, target_id: int) -> bool:
     token = getattr(request, "api_token", None)
-    return token is None or target.pk in token.target_ids
+    return token is None or target_id in token.target_ids
+
+
+def scope_target_ids(request) -> list[int]:
+    """The targets the caller may read, by name: all for staff, a token's own otherwise."""
+    token = getattr(request, "api_token", None)
+    if token is None:
+        return services.target_ids_by_name()
+    return services.target_ids_by_name(only=token.target_ids, version=token.targets_version)
+
+
+def readable_target(request, name: str) -> Target:
+    """The target ``name`` if the caller may read it: TargetNotFound, or PermissionDenied for a
+    token not scoped to it."""
+    target = services.get_target(name)
+    if not may_read(request, target):
+        raise services.PermissionDenied(
+            f"the token {request.api_token.prefix}… may not read target {name!r}"
+        )
+    return target
 
 
 @allow("GET")
-@staff_api("migrations_ops.view_target")
+@api_reader("migrations_ops.view_target")
 def migrations_status(request):
-    """Each target's lock and applied migrations, read live (``?target=NAME`` for one)."""
+    """Each target's lock and applied migrations (``?target=NAME`` for one), from a reading at
+    most STATUS_MAX_AGE seconds old (``?live=1``: read now); each says how old its reading is."""
     name = request.GET.get("target")
     try:
-        targets = (
-            [services.get_target(name)] if name else list(selectors.targets_with_observations())
-        )
-    except services.TargetNotFound as error:
+        target_ids = [readable_target(request, name).pk] if name else scope_target_ids(request)
+    except services.ServiceError as error:
         return service_error(error)
-    statuses = [services.read_target_status(target) for target in targets]
+    live = request.GET.get("live", "").lower() in ("1", "true", "yes")
     return JsonResponse(
         {
             "checked_at": timezone.now().isoformat(),
-            "targets": [selectors.status_report(s.target, s.applied, s.error) for s in statuses],
+            "max_age_seconds": 0 if live else settings.STATUS_MAX_AGE,
+            "targets": services.target_status_reports(target_ids, live=live),
         }
     )
+
+
+@allow("GET")
+@api_reader("migrations_ops.view_target")
+def target_flags(request, name: str):
+    """The runtime flags ``name``'s auto-migrator obeys. ``ETag`` and ``Cache-Control:
+    max-age`` (MIGRATION_CACHE_TTL); ``If-None-Match`` with the current tag answers 304."""
+    try:
+        document = services.flags_document(name, version=_known_version(request))
+    except services.ServiceError as error:
+        return service_error(error)
+    if not may_read_id(request, document.target_id):
+        return json_error(
+            403, "forbidden", f"the token {request.api_token.prefix}… may not read target {name!r}"
+        )
+    if document.etag in _etags(request.headers.get("If-None-Match", "")):
+        response = HttpResponseNotModified()
+    else:
+        response = HttpResponse(document.body, content_type="application/json")
+    response["ETag"] = document.etag
+    # private: each answer depends on who asks (a shared cache must not serve it to another).
+    response["Cache-Control"] = f"private, max-age={document.max_age}"
+    return response
+
+
+def _known_version(request) -> int | None:
+    """The targets version read along with the token (one round trip to the cache for both)."""
+    token = getattr(request, "api_token", None)
+    return token.targets_version if token is not None else None
+
+
+def _etags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+@allow("GET")
+@api_reader("migrations_ops.view_target")
+def migrations_health(request):
+    """``ok`` / ``warning`` / ``critical`` per target and overall by the runbook's alert
+    thresholds, each failing check named; 503 when critical. Locks are read as for the status
+    (readings at most STATUS_MAX_AGE seconds old)."""
+    target_ids = scope_target_ids(request)
+    readings = {report["name"]: report for report in services.target_status_reports(target_ids)}
+    thresholds = selectors.AlertThresholds.current()
+    allowed = set(target_ids)
+    rows = [row for row in selectors.fleet_overview(thresholds=thresholds) if row["id"] in allowed]
+    overall = selectors.worst_state([{"status": row["state"]} for row in rows])
+    body = {
+        "status": overall,
+        "checked_at": timezone.now().isoformat(),
+        "thresholds": {
+            "lock_held_seconds": thresholds.lock_held_seconds,
+            "failure_rate": thresholds.failure_rate,
+            "retry_rate": thresholds.retry_rate,
+        },
+        "targets": [
+            {
+                "name": row["name"],
+                "environment": row["environment"],
+                "status": row["state"],
+                "checks": row["checks"],
+                "lock": row["lock"],
+                "reading_age_seconds": readings.get(row["name"], {}).get("reading_age_seconds"),
+                "migrations_24h": row["migrations"],
+                "failure_rate": row["failure_rate"],
+                "retry_rate": row["retry_rate"],
+                "open_incidents": row["open_incidents"],
+            }
+            for row in rows
+        ],
+    }
+    return JsonResponse(body, status=503 if overall == selectors.CRITICAL else 200)
+
+
+@allow("GET")
+def openapi_document(request):
+    """This API described in OpenAPI 3.1 (public: it holds no data, only the shapes)."""
+    return JsonResponse(openapi.document())
+
+
+def not_found(request, unmatched: str = ""):
+    """Any other URL under /api/."""
+    return json_error(404, "not_found", f"no such endpoint: {request.path}")
 
 
 @allow("POST")

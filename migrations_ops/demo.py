@@ -1,5 +1,6 @@
 """Demo data for a newcomer: one SQLite target whose lock a crashed deploy left behind 20
-minutes ago, an open incident about it, one healthy target, and an admin user. Re-running resets
+minutes ago, an open incident about it, one healthy target, a sandbox target with the runbook's
+two drills scheduled, and an admin user. Re-running resets
 both targets; the incident is opened once (incidents are history: never deleted)."""
 
 from __future__ import annotations
@@ -72,7 +73,26 @@ def load_demo(directory: Path) -> DemoResult:
     incident = _open_demo_incident(
         targets[0], username, lock_left_at=now - dt.timedelta(minutes=20)
     )
+    targets.append(_load_sandbox(directory))
     return DemoResult(username, password, targets, incident)
+
+
+def _load_sandbox(directory: Path) -> Target:
+    """A sandbox target for the drills, every imported script applied (the rollback drill
+    wants nothing pending), with both of the runbook's drills scheduled: overdue until run."""
+    from incidents.models import DrillKind
+    from incidents.services import schedule_drill
+
+    path = _write_runbook_database(directory / "sandbox-demo.sqlite3", lock=None)
+    with transaction.atomic():
+        sandbox = _upsert_target("sandbox-demo", path, Environment.SANDBOX)
+    folder = _write_migrations_folder(directory / "migrations-sandbox", pending=False)
+    sandbox.scripts.all().delete()
+    actor = Actor.shell_operator()
+    services.import_scripts(actor=actor, target=sandbox, directory=str(folder))
+    for kind in DrillKind.values:
+        schedule_drill(actor=actor, kind=kind, target=sandbox)
+    return sandbox
 
 
 def _open_demo_incident(target: Target, commander_name: str, lock_left_at: dt.datetime):
@@ -95,11 +115,13 @@ def _open_demo_incident(target: Target, commander_name: str, lock_left_at: dt.da
     )
 
 
-def _write_migrations_folder(path: Path) -> Path:
+def _write_migrations_folder(path: Path, *, pending: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.sql"):
         old.unlink()
     scripts = {**DEMO_MIGRATIONS, PENDING_MIGRATION[0]: PENDING_MIGRATION[1:]}
+    if not pending:
+        scripts = dict(DEMO_MIGRATIONS)
     for filename, (up, down) in scripts.items():
         (path / filename).write_text(f"-- migrate:up\n{up};\n\n-- migrate:down\n{down};\n")
     return path

@@ -2,7 +2,8 @@ from django import forms
 
 from incidents.models import Incident
 from incidents.selectors import incidents_to_serve
-from migrations_ops.models import TARGET_SETTINGS, Environment, Target
+from migrations_ops.models import FLAG_FIELDS, TARGET_SETTINGS, Environment, Target
+from migrations_ops.selectors import flags_of
 
 
 class TargetForm(forms.ModelForm):
@@ -102,3 +103,71 @@ def add_incident_field(form: forms.Form, target: Target) -> None:
 def _incident_label(incident: Incident, target: Target) -> str:
     affects = f", affects {target.name}" if incident.affects_target else ""
     return f"#{incident.pk} {incident.title} ({incident.get_status_display().lower()}{affects})"
+
+
+# --- runtime flags -----------------------------------------------------------------------------
+def _flag_field(name: str) -> forms.Field:
+    """A form field for one flag, labelled with its runbook name. Bounds are the services'
+    (the model fields' validators), so every door gives the same one-line refusal."""
+    model_field = Target._meta.get_field(FLAG_FIELDS[name])
+    if model_field.get_internal_type() == "BooleanField":
+        return forms.BooleanField(label=name, required=False, help_text=model_field.help_text)
+    return forms.IntegerField(label=name, help_text=model_field.help_text)
+
+
+class FlagsForm(forms.Form):
+    """The six flags as they are, and the reason for changing some of them."""
+
+    def __init__(self, *args, target: Target, **kwargs):
+        super().__init__(*args, initial=flags_of(target), **kwargs)
+        for name in FLAG_FIELDS:
+            self.fields[name] = _flag_field(name)
+        self.fields["reason"] = forms.CharField(
+            widget=forms.Textarea(attrs={"rows": 2, "cols": 80}),
+            help_text="Recorded in the flag history, the audit trail and open incidents.",
+        )
+
+    def changes(self) -> dict:
+        """Only the flags changed on the form, so a stale page never undoes another change."""
+        return {name: self.cleaned_data[name] for name in FLAG_FIELDS if name in self.changed_data}
+
+
+class ReenableStepForm(forms.Form):
+    step = forms.IntegerField(widget=forms.HiddenInput)
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 80}),
+        help_text="Why it is safe to take this step now.",
+    )
+
+
+# Typed when a production target is among those disabled: short, unmistakable, and the same
+# whatever the selection (typing every name would slow down the one action meant to be fast).
+DISABLE_CONFIRMATION = "DISABLE"
+
+
+class EmergencyDisableForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+        help_text="Recorded for every target, in its flag history and on open incidents.",
+    )
+    confirm = forms.CharField(
+        label=f"Type {DISABLE_CONFIRMATION} to confirm",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+
+    def __init__(self, *args, production: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        if production:
+            self.fields[
+                "confirm"
+            ].help_text = f"Production targets among them: {', '.join(production)}."
+        else:
+            del self.fields["confirm"]
+
+    def clean_confirm(self):
+        value = self.cleaned_data["confirm"].strip()
+        if value != DISABLE_CONFIRMATION:
+            raise forms.ValidationError(
+                f"Type {DISABLE_CONFIRMATION} (in capitals) to disable production targets."
+            )
+        return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -12,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from migrations_ops import engine
+from migrations_ops.fields import EncryptedTextField
 from opsconsole.append_only import AppendOnlyModel
 
 
@@ -22,6 +24,10 @@ def validate_target_url(value: str) -> None:
             engine.target_url.sqlite_path(value)
     except engine.EngineError as error:
         raise ValidationError(str(error)) from None
+
+
+# What the console accepts as a target's schema name (Target.clean).
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]*")
 
 
 class Environment(models.TextChoices):
@@ -57,8 +63,9 @@ class Target(models.Model):
 
     name = models.SlugField(max_length=100, unique=True)
     environment = models.CharField(max_length=20, choices=Environment.choices)
-    # A secret: shown only masked, never logged, never returned by any door.
-    connection_url = models.TextField(validators=[validate_target_url])
+    # A secret: shown only masked, never logged, never returned by any door; stored encrypted
+    # with TARGET_SECRET_KEY (fields.py), in the clear only on its way to the target.
+    connection_url = EncryptedTextField(validators=[validate_target_url])
     convention = models.CharField(max_length=20, choices=CONVENTION_CHOICES)
     schema = models.CharField(
         max_length=63, blank=True, help_text="PostgreSQL schema holding the books (optional)."
@@ -148,19 +155,27 @@ class Target(models.Model):
         return dt.timedelta(seconds=self.lock_timeout_seconds)
 
     def clean(self) -> None:
+        if self.schema and not SCHEMA_NAME.fullmatch(self.schema):
+            # The engine quotes it anyway; a name like this is a typo or an attack.
+            raise ValidationError(
+                {
+                    "schema": "A schema name is letters, digits, _, $ and -, "
+                    "starting with a letter or _."
+                }
+            )
         if self.schema and self.connection_url and self.dialect == "sqlite":
             raise ValidationError({"schema": "A schema can only be set for PostgreSQL targets."})
 
 
 # What a person sets on a target: the admin form, its audit record and registration use these.
+# Not the runtime flags (FLAG_FIELDS): they change only through services.change_flags and its
+# kin, so their history (FlagChange) is complete. Registration sets their initial values.
 TARGET_SETTINGS = [
     "name",
     "environment",
     "convention",
     "connection_url",
     "schema",
-    "lock_timeout_seconds",
-    "max_retries",
     "statement_timeout_seconds",
     "requires_approval",
     "health_url",
@@ -403,6 +418,23 @@ class AuditEvent(AppendOnlyModel):
         related_name="audit_events",
     )
     details = models.JSONField(default=dict, blank=True)
+    # Where the request came from (opsconsole.middleware); empty for the CLI, a task's id for
+    # a task.
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    # Row-level history: the object a change is about ("incidents.incident", 7) and its
+    # changed fields as they were and became. The console's own events rather than a history
+    # library: every change already goes through a service that writes an audit event, so the
+    # row history is that event, with the same who / door / ip / request id and the same hash
+    # chain, in one place for auditors, instead of a second, unchained copy kept by triggers.
+    object_model = models.CharField(max_length=60, blank=True)
+    object_id = models.BigIntegerField(null=True, blank=True)
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    # Tamper evidence (migrations_ops.audit_chain): each row's hash covers its content and the
+    # previous row's hash, in id order; ``ops audit-verify`` walks the chain.
+    previous_hash = models.CharField(max_length=64, blank=True)
+    hash = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -414,6 +446,8 @@ class AuditEvent(AppendOnlyModel):
             models.Index(fields=["action", "created_at"]),
             models.Index(fields=["target_name", "created_at"]),
             models.Index(fields=["actor_name", "created_at"]),
+            # An object's History page.
+            models.Index(fields=["object_model", "object_id", "created_at"]),
         ]
 
     def __str__(self) -> str:

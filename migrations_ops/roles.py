@@ -33,6 +33,14 @@ ADMIN_MODELS = [
     ("incidents", "escalationcontact"),
     ("auth", "user"),
     ("auth", "group"),
+    # Two-factor authentication: console admins give people their TOTP devices.
+    ("otp_totp", "totpdevice"),
+]
+# django-axes' records of logins: console admins see lock-outs and lift them (delete).
+LOGIN_RECORD_MODELS = [
+    ("axes", "accessattempt"),
+    ("axes", "accesslog"),
+    ("axes", "accessfailurelog"),
 ]
 # The console's settings that live in its database: the sweeper's and drills' schedules.
 SETTINGS_APPS = ("django_celery_beat",)
@@ -55,11 +63,17 @@ def role_permissions(permissions) -> dict[str, set]:
         )
         and p.codename.split("_", 1)[0] in {"add", "change", "delete", "view"}
     }
+    login_records = {
+        p
+        for p in permissions
+        if (p.content_type.app_label, p.content_type.model) in LOGIN_RECORD_MODELS
+        and p.codename.split("_", 1)[0] in {"delete", "view"}
+    }
     return {
         AUDITOR: history_views,
         ON_CALL: on_call,
         INCIDENT_COMMANDER: on_call | approve | incidents,
-        CONSOLE_ADMIN: managed | history_views,
+        CONSOLE_ADMIN: managed | login_records | history_views,
     }
 
 

@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
+from django.db.models import (
+    BooleanField,
+    Case,
+    Count,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    IntegerField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from incidents.models import OPEN_STATUSES
+from incidents.models import OPEN_STATUSES, Incident, Severity
+from migrations_ops import audit_chain
 from migrations_ops.models import (
+    ACTIVE_STATUSES,
     FLAG_FIELDS,
+    ApiToken,
     AuditEvent,
+    FlagChange,
+    FlagChangeKind,
+    FlagStage,
     LockObservation,
     LockState,
     MigrationScript,
@@ -24,6 +47,7 @@ from migrations_ops.models import (
     Target,
 )
 from migrations_ops.models import AlertThresholds as AlertThresholdsRow
+from opsconsole.spreadsheets import csv_lines
 
 
 def targets_with_observations() -> QuerySet[Target]:
@@ -154,6 +178,84 @@ def audit_events_for_operation(operation: Operation) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(operation=operation).order_by("created_at", "id")
 
 
+# How many of a broken chain's problems ``ops audit-verify`` names (the walk counts them all).
+CHAIN_PROBLEMS_SHOWN = 10
+
+
+def verify_audit_chain(chunk_size: int = 2000):
+    """Walk the whole audit trail in id order, streaming it: ``(report, problems)`` with the
+    first ``CHAIN_PROBLEMS_SHOWN`` problems; ``report.problem_count`` counts them all."""
+    report = audit_chain.ChainReport()
+    report.problem_count = 0
+    problems = []
+    rows = AuditEvent.objects.order_by("id").iterator(chunk_size=chunk_size)
+    for problem in audit_chain.walk(rows, report):
+        report.problem_count += 1
+        if len(problems) < CHAIN_PROBLEMS_SHOWN:
+            problems.append(problem)
+    return report, problems
+
+
+def history_of(obj, limit: int = 200) -> list[AuditEvent]:
+    """The newest audit events about ``obj`` (its row-level history: who changed which field
+    from what to what, when), read with the (object_model, object_id, created_at) index."""
+    about = AuditEvent.objects.filter(object_model=obj._meta.label_lower, object_id=obj.pk)
+    return list(about.order_by("-created_at", "-id")[:limit])
+
+
+AUDIT_CSV_HEADER = [
+    "id",
+    "created_at_utc",
+    "user",
+    "door",
+    "action",
+    "target",
+    "operation",
+    "object",
+    "ip",
+    "request_id",
+    "before",
+    "after",
+    "details",
+    "hash",
+]
+
+
+def audit_events_csv(queryset: QuerySet[AuditEvent], chunk_size: int = 2000) -> Iterator[str]:
+    """``queryset`` as CSV lines, read ``chunk_size`` rows at a time (a server-side cursor on
+    PostgreSQL): memory stays flat whatever the number of rows."""
+
+    def as_json(value) -> str:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False) if value else ""
+
+    rows = (
+        [
+            event.pk,
+            f"{event.created_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S.%f}",
+            event.actor_name,
+            event.door,
+            event.action,
+            event.target_name,
+            event.operation_id or "",
+            f"{event.object_model} #{event.object_id}" if event.object_model else "",
+            event.ip or "",
+            event.request_id,
+            as_json(event.before),
+            as_json(event.after),
+            as_json(event.details),
+            event.hash,
+        ]
+        for event in queryset.select_related(None).iterator(chunk_size=chunk_size)
+    )
+    return csv_lines(AUDIT_CSV_HEADER, rows)
+
+
+def field_changes(event: AuditEvent) -> list[tuple[str, Any, Any]]:
+    """``(field, before, after)`` of a change event, fields in a stable order."""
+    names = sorted(set(event.before) | set(event.after))
+    return [(name, event.before.get(name), event.after.get(name)) for name in names]
+
+
 def latest_dry_run(target: Target, kind: str) -> Operation | None:
     """The newest finished dry run of this kind on the target, to show before the real run."""
     return (
@@ -220,7 +322,8 @@ def fleet_overview(
     the oldest lock; then the name), from what the console already knows: the last lock
     observation, the imported scripts, the last successful verify (applied and pending as it
     found them: the console keeps no list of applied migrations) and the operations of the
-    past 24 h, and the open incidents (OPEN_STATUSES) with the target among the affected ones.
+    past 24 h, and the open real incidents (OPEN_STATUSES, drills aside) with the target among
+    the affected ones.
     Four queries however many targets there are, and no connection to any target.
     """
     now = now or timezone.now()
@@ -236,7 +339,7 @@ def fleet_overview(
     )
     open_incidents = (
         Target.incidents.through.objects.filter(
-            target=OuterRef("pk"), incident__status__in=OPEN_STATUSES
+            target=OuterRef("pk"), incident__status__in=OPEN_STATUSES, incident__is_drill=False
         )
         .order_by()
         .values("target")
@@ -320,9 +423,8 @@ def _fleet_row(
     migrations_failed = stats.get("migrations_failed", 0)
     migrations_retried = stats.get("migrations_retried", 0)
     problems = verify.result.get("problems", []) if verify is not None else []
-    state, reasons = fleet_health(
-        lock, migrations, migrations_failed, migrations_retried, thresholds
-    )
+    checks = health_checks(lock, migrations, migrations_failed, migrations_retried, thresholds)
+    state, reasons = worst_state(checks), [check["message"] for check in checks]
     return {
         "id": target.pk,
         "name": target.name,
@@ -330,6 +432,7 @@ def _fleet_row(
         "environment_label": target.get_environment_display(),
         "state": state,
         "reasons": reasons,
+        "checks": checks,
         "lock": lock,
         "lock_text": describe_lock(lock),
         "observed_at": observation.observed_at if observation is not None else None,
@@ -367,38 +470,69 @@ def fleet_health(
     thresholds: AlertThresholds,
 ) -> tuple[str, list[str]]:
     """Red, amber or green by the runbook's thresholds, and why (critical reasons first)."""
-    critical, warning = [], []
+    checks = health_checks(lock, migrations, migrations_failed, migrations_retried, thresholds)
+    return worst_state(checks), [check["message"] for check in checks]
+
+
+def worst_state(checks: list[dict[str, str]]) -> str:
+    return min((check["status"] for check in checks), key=HEALTH_ORDER.get, default=OK)
+
+
+def health_checks(
+    lock: dict[str, Any],
+    migrations: int,
+    migrations_failed: int,
+    migrations_retried: int,
+    thresholds: AlertThresholds,
+) -> list[dict[str, str]]:
+    """The runbook's checks a target fails, each named (``lock_unknown``, ``lock_held``,
+    ``lock_stale``, ``failure_rate``, ``retry_rate``) with its status and why; critical first."""
+    checks = []
+
+    def fail(check: str, status: str, message: str) -> None:
+        checks.append({"check": check, "status": status, "message": message})
+
     age = lock["age_seconds"]
     if lock["state"] == LockState.UNKNOWN:
-        warning.append(
-            f"lock state unknown: {lock['error']}" if lock["error"] else "lock state unknown"
+        fail(
+            "lock_unknown",
+            WARNING,
+            f"lock state unknown: {lock['error']}" if lock["error"] else "lock state unknown",
         )
     elif lock["held"] and age is None:
-        warning.append("lock held for an unknown time")
+        fail("lock_held", WARNING, "lock held for an unknown time")
     elif lock["held"] and age > thresholds.lock_held_seconds:
-        critical.append(
-            f"lock held {humanize_seconds(age)} (over {thresholds.lock_held_seconds:g} s)"
+        fail(
+            "lock_held",
+            CRITICAL,
+            f"lock held {humanize_seconds(age)} (over {thresholds.lock_held_seconds:g} s)",
         )
     elif lock["state"] == LockState.STALE:
-        critical.append(
+        fail(
+            "lock_stale",
+            CRITICAL,
             f"lock stale: held {humanize_seconds(age)} "
-            f"(over its {lock['lock_timeout_seconds']} s timeout)"
+            f"(over its {lock['lock_timeout_seconds']} s timeout)",
         )
     if migrations:
         rate = migrations_failed / migrations
         if rate > thresholds.failure_rate:
-            critical.append(
+            fail(
+                "failure_rate",
+                CRITICAL,
                 f"{migrations_failed} of {migrations} migrations failed in 24 h "
-                f"({percent(rate)}, over {thresholds.failure_percent})"
+                f"({percent(rate)}, over {thresholds.failure_percent})",
             )
         rate = migrations_retried / migrations
         if rate > thresholds.retry_rate:
-            warning.append(
+            fail(
+                "retry_rate",
+                WARNING,
                 f"{migrations_retried} of {migrations} migrations retried for the lock in 24 h "
-                f"({percent(rate)}, over {thresholds.retry_percent})"
+                f"({percent(rate)}, over {thresholds.retry_percent})",
             )
-    state = CRITICAL if critical else WARNING if warning else OK
-    return state, critical + warning
+    checks.sort(key=lambda check: HEALTH_ORDER[check["status"]])
+    return checks
 
 
 BROKER_DOWN_WARNING = (
@@ -413,3 +547,197 @@ def broker_down_warning(operation: Operation) -> str | None:
         return None
     failed = AuditEvent.objects.filter(operation=operation, action="operation.send_failed")
     return BROKER_DOWN_WARNING if failed.exists() else None
+
+
+# --- runtime flags ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReenableStep:
+    """One step of the runbook's "Progressive Re-enable": taken only from ``requires``."""
+
+    number: int
+    label: str
+    sets: dict[str, Any]
+    requires: str
+    stage_after: str
+    kind: str
+
+
+# The runbook's "Quick Disable" and its three re-enable steps, flag by flag. Step 2 leaves
+# MIGRATION_DRY_RUN as step 1 set it: the runbook turns dry run off only in step 3.
+QUICK_DISABLE = {"AUTO_MIGRATE": False, "MIGRATION_DRY_RUN": True, "MIGRATION_MAX_RETRIES": 0}
+REENABLE_STEPS = {
+    1: ReenableStep(
+        1,
+        "Dry run mode",
+        {"MIGRATION_DRY_RUN": True, "AUTO_MIGRATE": True},
+        FlagStage.DISABLED,
+        FlagStage.DRY_RUN,
+        FlagChangeKind.REENABLE_DRY_RUN,
+    ),
+    2: ReenableStep(
+        2,
+        "Limited rollout",
+        # The issue's reading of the runbook: dry run on -> limited retries -> full. Migrations
+        # run for real from here, with one retry; step 3 restores the usual retries.
+        {"AUTO_MIGRATE": True, "MIGRATION_DRY_RUN": False, "MIGRATION_MAX_RETRIES": 1},
+        FlagStage.DRY_RUN,
+        FlagStage.LIMITED,
+        FlagChangeKind.REENABLE_LIMITED,
+    ),
+    3: ReenableStep(
+        3,
+        "Full enable",
+        {"AUTO_MIGRATE": True, "MIGRATION_DRY_RUN": False, "MIGRATION_MAX_RETRIES": 3},
+        FlagStage.LIMITED,
+        FlagStage.NORMAL,
+        FlagChangeKind.REENABLE_FULL,
+    ),
+}
+
+
+def next_reenable_step(target: Target) -> int | None:
+    """The re-enable step due on ``target``; None when it is not being re-enabled."""
+    for step in REENABLE_STEPS.values():
+        if step.requires == target.flag_stage:
+            return step.number
+    return None
+
+
+def reenable_progress(target: Target) -> list[dict[str, Any]]:
+    """The three steps with their state on ``target``: done, next, not yet (or not needed when
+    the target is not emergency-disabled)."""
+    due = next_reenable_step(target)
+    rows = []
+    for step in REENABLE_STEPS.values():
+        if due is None:
+            state = "not needed"
+        elif step.number < due:
+            state = "done"
+        elif step.number == due:
+            state = "next"
+        else:
+            state = "not yet"
+        rows.append({"step": step, "state": state, "sets": describe_flags(step.sets)})
+    return rows
+
+
+def flag_history(target: Target) -> QuerySet[FlagChange]:
+    return FlagChange.objects.filter(target=target).order_by("-changed_at", "-id")
+
+
+def flag_value_text(value: Any) -> str:
+    """A flag's value as the runbook writes it: ``true``/``false`` or the number."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def describe_flags(values: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={flag_value_text(value)}" for name, value in values.items())
+
+
+def describe_flag_change(change: FlagChange) -> str:
+    """``AUTO_MIGRATE true → false, MIGRATION_MAX_RETRIES 3 → 0`` (or the stage move alone)."""
+    parts = [
+        f"{name} {flag_value_text(change.before.get(name))} → {flag_value_text(value)}"
+        for name, value in change.after.items()
+    ]
+    if change.stage_before != change.stage_after:
+        parts.append(
+            f"stage {FlagStage(change.stage_before).label} → {FlagStage(change.stage_after).label}"
+        )
+    return ", ".join(parts) or "no flag changed"
+
+
+# --- metrics (GET /metrics) --------------------------------------------------------------------
+
+# Statuses an operation never leaves: counted as Prometheus counters, since they only grow.
+FINAL_STATUSES = (
+    OperationStatus.SUCCEEDED,
+    OperationStatus.FAILED,
+    OperationStatus.LOST,
+    OperationStatus.CANCELLED,
+)
+# Upper bounds (seconds) of the operation duration histogram's buckets.
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """What ``/metrics`` shows, read from the console's database in a fixed number of queries."""
+
+    targets: list[Target]  # with their flags, by name
+    fleet: list[dict[str, Any]]  # fleet_overview rows of these targets
+    final_operations: list[dict[str, Any]]  # target_id, kind, status, dry_run, count, retried
+    active_operations: list[dict[str, Any]]  # target_id, kind, status, count
+    durations: list[dict[str, Any]]  # target_id, kind, count, total, le_0 ... le_N
+    open_incidents: dict[str, int]  # severity → count, every severity present
+
+
+def metrics_snapshot(
+    target_ids: frozenset[int] | None = None, now: dt.datetime | None = None
+) -> MetricsSnapshot:
+    """The figures Prometheus scrapes, for every target or only ``target_ids`` (an API token's
+    scope). Open incidents are the real ones (drills left out); a token sees those touching
+    its targets. Nine queries at most, however many targets and operations there are."""
+    now = now or timezone.now()
+    targets = Target.objects.only("id", "name", "flag_stage", *FLAG_FIELDS.values())
+    operations = Operation.objects.order_by()
+    incidents = Incident.objects.filter(status__in=OPEN_STATUSES, is_drill=False)
+    if target_ids is not None:
+        targets = targets.filter(pk__in=target_ids)
+        operations = operations.filter(target_id__in=target_ids)
+        incidents = incidents.filter(affected_targets__in=target_ids)
+    targets = list(targets.order_by("name"))
+    shown = {target.pk for target in targets}
+    # The thresholds only colour the fleet rows, which metrics do not use: no need to read them.
+    fleet = [
+        row for row in fleet_overview(now, AlertThresholds.from_settings()) if row["id"] in shown
+    ]
+    dry_run = Case(
+        When(params__dry_run=True, then=Value(True)),
+        default=Value(False),
+        output_field=BooleanField(),
+    )
+    final_operations = list(
+        operations.filter(status__in=FINAL_STATUSES)
+        .annotate(dry_run=dry_run)
+        .values("target_id", "kind", "status", "dry_run")
+        .annotate(count=Count("pk"), retried=Count("pk", filter=Q(result__lock_attempts__gt=1)))
+    )
+    active_operations = list(
+        operations.filter(status__in=ACTIVE_STATUSES)
+        .values("target_id", "kind", "status")
+        .annotate(count=Count("pk"))
+    )
+    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    buckets = {
+        f"le_{index}": Count("pk", filter=Q(duration__lte=dt.timedelta(seconds=bound)))
+        for index, bound in enumerate(DURATION_BUCKETS)
+    }
+    durations = list(
+        operations.filter(started_at__isnull=False, finished_at__isnull=False)
+        .annotate(duration=duration)
+        .values("target_id", "kind")
+        .annotate(count=Count("pk"), total=Sum("duration"), **buckets)
+    )
+    open_incidents = dict.fromkeys(Severity.values, 0)
+    for severity, count in (
+        incidents.order_by().values("severity").annotate(count=Count("pk", distinct=True))
+    ).values_list("severity", "count"):
+        open_incidents[severity] = count
+    return MetricsSnapshot(
+        targets=targets,
+        fleet=fleet,
+        final_operations=final_operations,
+        active_operations=active_operations,
+        durations=durations,
+        open_incidents=open_incidents,
+    )
+
+
+def api_tokens() -> QuerySet[ApiToken]:
+    """Every API token, active ones first; lists name a token by its prefix, never its hash."""
+    return ApiToken.objects.prefetch_related("targets").order_by(
+        F("revoked_at").desc(nulls_first=True), "name", "prefix"
+    )

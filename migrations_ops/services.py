@@ -9,30 +9,45 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import logging
+import secrets
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db import connection as console_connection
 from django.db.models import Case, DateTimeField, F, Max, Q, Value, When
 from django.db.models.functions import Coalesce
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
 from incidents.models import Incident, IncidentStatus
-from migrations_ops import engine
+from migrations_ops import audit_chain, engine, selectors
 from migrations_ops.actors import Actor
+from migrations_ops.fields import SecretKeyError
 from migrations_ops.models import (
     ACTIVE_STATUSES,
+    FLAG_FIELDS,
     TARGET_SETTINGS,
     AlertThresholds,
     ApiToken,
     AuditEvent,
+    Door,
     Environment,
+    FlagChange,
+    FlagChangeKind,
+    FlagStage,
     LockObservation,
     LockState,
     MigrationScript,
@@ -41,6 +56,7 @@ from migrations_ops.models import (
     OperationStatus,
     Target,
 )
+from opsconsole import middleware as request_context
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +113,69 @@ def record_audit_event(
     target: Target | None = None,
     operation: Operation | None = None,
     details: dict | None = None,
+    subject=None,
+    before: dict | None = None,
+    after: dict | None = None,
 ) -> AuditEvent:
-    return AuditEvent.objects.create(
+    """Append an event to the audit trail's hash chain, in the caller's transaction: write it
+    last there (``audit_chain``: the chain's lock is the last one a transaction takes).
+
+    ``subject``: the object a change is about (its History page lists the event), with the
+    changed fields' ``before`` and ``after`` values. The request's id and client address come
+    from the request being served (``opsconsole.middleware``), if any."""
+    context = request_context.current()
+    event = AuditEvent(
         actor=actor.user,
-        actor_name=actor.name,
+        actor_name=actor.name[:150],
         door=actor.door,
         action=action,
         target=target,
         target_name=target.name if target else "",
         operation=operation,
         details=details or {},
+        ip=context.ip,
+        request_id=context.request_id,
+        object_model=subject._meta.label_lower if subject is not None else "",
+        object_id=subject.pk if subject is not None else None,
+        before=before or {},
+        after=after or {},
+    )
+    return audit_chain.append(event)
+
+
+def record_audit_events(events: list[AuditEvent]) -> list[AuditEvent]:
+    """Append many ready-made events at once, chained in list order (imports, benchmarks)."""
+    return audit_chain.append_many(AuditEvent, events)
+
+
+def record_history_export(*, actor: Actor, filters: dict) -> AuditEvent:
+    """An export of the history is itself on it, with the filters and search it was made with
+    (recorded as it starts: how many rows it holds is known only once streamed)."""
+    require_permission(actor, "migrations_ops.view_auditevent", "export the audit trail")
+    return record_audit_event(actor, "history.exported", details={"filters": filters})
+
+
+# --- logins (Django's auth signals: every way into the admin's login goes through them) -------
+@receiver(user_logged_in, dispatch_uid="audit_user_logged_in")
+def _logged_in(sender, request, user, **kwargs) -> None:
+    record_audit_event(Actor.for_user(user, Door.ADMIN), "user.logged_in")
+
+
+@receiver(user_logged_out, dispatch_uid="audit_user_logged_out")
+def _logged_out(sender, request, user, **kwargs) -> None:
+    if user is not None:
+        record_audit_event(Actor.for_user(user, Door.ADMIN), "user.logged_out")
+
+
+@receiver(user_login_failed, dispatch_uid="audit_user_login_failed")
+def _login_failed(sender, credentials, request=None, **kwargs) -> None:
+    """The user name tried, never the password (Django hides it from ``credentials`` too)."""
+    field = get_user_model().USERNAME_FIELD
+    tried = str(credentials.get(field) or credentials.get("username") or "")[:150]
+    record_audit_event(
+        Actor(user=None, name=tried or "(no user name)", door=Door.ADMIN),
+        "user.login_failed",
+        details={"username": tried},
     )
 
 
@@ -204,15 +273,63 @@ def save_target(*, actor: Actor, target: Target, changed_fields: list[str]) -> T
         for field in changed_fields
         if field in TARGET_SETTINGS
     }
+    if creating:  # the flags it starts with; every later change is a FlagChange
+        details["flags"] = selectors.flags_of(target)
     with transaction.atomic():
+        stored = None if creating else Target.objects.filter(pk=target.pk).first()
+        before, after = _target_changes(stored, target, changed_fields)
         target.save()
         record_audit_event(
             actor,
             "target.registered" if creating else "target.changed",
             target=target,
             details=details,
+            subject=target,
+            before=before,
+            after=after,
         )
     return target
+
+
+def _target_changes(stored: Target | None, target: Target, fields: list[str]) -> tuple[dict, dict]:
+    """The changed settings as they were and became; the connection URL only masked (a
+    changed password shows as such, never itself)."""
+
+    def shown(row: Target, name: str):
+        return row.masked_url if name == "connection_url" else getattr(row, name)
+
+    before, after = {}, {}
+    for name in fields:
+        if name not in TARGET_SETTINGS:
+            continue
+        new = shown(target, name)
+        if stored is None:
+            after[name] = new
+            continue
+        if getattr(stored, name) == getattr(target, name):
+            continue
+        old = shown(stored, name)
+        if old == new:  # only the URL's password changed
+            new = f"{new} (password changed)"
+        before[name], after[name] = old, new
+    return before, after
+
+
+def rotate_target_secrets(*, actor: Actor) -> int:
+    """Encrypt every target's connection URL again with the first key of TARGET_SECRET_KEY
+    (after a new key was put first): afterwards the older keys can be dropped. Returns how
+    many URLs were re-encrypted."""
+    require_permission(actor, "migrations_ops.change_target", "change targets")
+    try:
+        with transaction.atomic():
+            # Read with whichever key opens each URL, written with the first.
+            urls = list(Target.objects.select_for_update().values_list("pk", "connection_url"))
+            for pk, url in urls:
+                Target.objects.filter(pk=pk).update(connection_url=url)
+            record_audit_event(actor, "targets.secrets_rotated", details={"targets": len(urls)})
+    except SecretKeyError as error:
+        raise ServiceError(str(error)) from None
+    return len(urls)
 
 
 def _validation_message(error: ValidationError) -> str:
@@ -467,11 +584,13 @@ def _create_operation(
 
 def _refuse_closed_incident(incident: Incident | None) -> None:
     """An operation may serve any incident not yet closed. Its row is locked until the
-    operation is written, so the incident cannot close in between."""
+    operation is written, so the incident cannot close in between. FOR NO KEY UPDATE: it does
+    not stop a timeline entry from referring to the incident, which a transaction holding the
+    audit chain's lock may be writing (``audit_chain``: that lock must be the last one)."""
     if incident is None:
         return
     status = (
-        Incident.objects.select_for_update()
+        Incident.objects.select_for_update(no_key=True)
         .filter(pk=incident.pk)
         .values_list("status", flat=True)
         .first()
@@ -1108,27 +1227,25 @@ def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScri
 
 def engine_scripts(target: Target, *, version: str | None = None) -> list[engine.MigrationScript]:
     """The target's stored scripts in the engine's own shape; only ``version``'s if given."""
-    rows = target.scripts.order_by("version")
+    rows = MigrationScript.objects.filter(target=target)
     if version is not None:
         rows = rows.filter(version=version)
-    return [
-        engine.MigrationScript(
-            version=row.version,
-            name=row.name,
-            filename=row.filename,
-            layout=row.layout,
-            up_sql=row.up_sql,
-            down_sql=row.down_sql,
-            up_statements=tuple(engine.Statement(s["sql"], s["line"]) for s in row.up_statements),
-            down_statements=tuple(
-                engine.Statement(s["sql"], s["line"]) for s in row.down_statements
-            ),
-            transactional=row.transactional,
-            needs_no_transaction=tuple(row.needs_no_transaction),
-            checksum=row.checksum,
+    # Plain values, not model instances: the engine's objects are all that is needed.
+    fields = ("version", "name", "filename", "layout", "up_sql", "down_sql", "up_statements")
+    fields += ("down_statements", "transactional", "needs_no_transaction", "checksum")
+    scripts = []
+    for row in rows.order_by("version").values(*fields):
+        up, down = row.pop("up_statements"), row.pop("down_statements")
+        outside = row.pop("needs_no_transaction")
+        scripts.append(
+            engine.MigrationScript(
+                **row,
+                up_statements=tuple(engine.Statement(s["sql"], s["line"]) for s in up),
+                down_statements=tuple(engine.Statement(s["sql"], s["line"]) for s in down),
+                needs_no_transaction=tuple(outside),
+            )
         )
-        for row in rows
-    ]
+    return scripts
 
 
 # --- migration operations ----------------------------------------------------------------------
@@ -1358,8 +1475,9 @@ def _run_settings(operation: Operation) -> engine.RunSettings:
     target = operation.target
     return engine.RunSettings(
         holder=lock_holder(operation),
-        lock_wait_seconds=target.lock_timeout_seconds,
-        max_retries=target.max_retries,
+        # The auto-migrator makes each retry an operation of its own, with the flags it read.
+        lock_wait_seconds=operation.params.get("lock_wait_seconds", target.lock_timeout_seconds),
+        max_retries=operation.params.get("lock_retries", target.max_retries),
         statement_timeout_seconds=target.statement_timeout_seconds,
         dry_run=bool(operation.params.get("dry_run")),
         allow_non_transactional=bool(operation.params.get("non_transactional")),
@@ -1510,3 +1628,772 @@ RUNNERS = {
     OperationKind.VERIFY: _run_verify,
     OperationKind.CLEANUP: _run_cleanup,
 }
+
+
+# --- runtime flags -----------------------------------------------------------------------------
+CHANGE_FLAGS_PERMISSION = "migrations_ops.change_flags"
+_TRUE_WORDS = {"true", "on", "yes", "1"}
+_FALSE_WORDS = {"false", "off", "no", "0"}
+
+
+def parse_flag_value(name: str, value):
+    """A flag's value from a door: a bool or int as is, or text such as ``false`` or ``3``.
+    Bounds are checked later, by the model fields' own validators."""
+    field = Target._meta.get_field(FLAG_FIELDS[name])
+    if field.get_internal_type() == "BooleanField":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in _TRUE_WORDS | _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise InvalidRequest(f"{name} must be true or false, not {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a whole number, not {value!r}") from None
+
+
+def _clean_flag_changes(changes: dict) -> dict:
+    """Runbook name → validated value, or InvalidRequest naming the first bad one."""
+    if not changes:
+        raise InvalidRequest("nothing to change: no flag given")
+    unknown = sorted(set(changes) - set(FLAG_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown flag {', '.join(unknown)} (known: {', '.join(FLAG_FIELDS)})")
+    cleaned = {}
+    for name, raw in changes.items():
+        value = parse_flag_value(name, raw)
+        try:
+            Target._meta.get_field(FLAG_FIELDS[name]).run_validators(value)
+        except ValidationError as error:
+            raise InvalidRequest(f"{name}={value}: {' '.join(error.messages)}") from None
+        cleaned[name] = value
+    return cleaned
+
+
+def _locked_targets(targets) -> list[Target]:
+    """The targets' rows, locked in id order (two disables of overlapping sets never deadlock)."""
+    ids = sorted({target.pk for target in targets})
+    return list(Target.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
+
+
+def _write_flag_change(
+    actor: Actor, target: Target, values: dict, *, reason: str, kind: str, stage_after: str
+) -> FlagChange:
+    """Set ``values`` on the locked ``target`` and record it: the FlagChange (only the flags
+    whose value changed), the audit event and the open incidents' timelines."""
+    before, after = {}, {}
+    for name, value in values.items():
+        attribute = FLAG_FIELDS[name]
+        if getattr(target, attribute) != value:
+            before[name], after[name] = getattr(target, attribute), value
+            setattr(target, attribute, value)
+    stage_before = target.flag_stage
+    target.flag_stage = stage_after
+    target.save(update_fields=[FLAG_FIELDS[name] for name in after] + ["flag_stage", "updated_at"])
+    change = FlagChange.objects.create(
+        target=target,
+        actor=actor.user,
+        actor_name=actor.name,
+        door=actor.door,
+        kind=kind,
+        reason=reason,
+        before=before,
+        after=after,
+        stage_before=stage_before,
+        stage_after=stage_after,
+    )
+    record_audit_event(
+        actor,
+        "flags.changed",
+        target=target,
+        details={
+            "kind": kind,
+            "before": before,
+            "after": after,
+            "stage_before": stage_before,
+            "stage_after": stage_after,
+            "reason": reason,
+            "flag_change": change.pk,
+        },
+        subject=target,  # on the target's History page
+        before=before,
+        after=after,
+    )
+    _note_flag_change_on_incidents(change)
+    return change
+
+
+def _note_flag_change_on_incidents(change: FlagChange) -> None:
+    """As ``_note_on_incidents``: a failure to write a timeline is logged, and never undoes the
+    flag change (the savepoint keeps the rest of the transaction)."""
+    try:
+        from incidents.services import record_flag_change  # incidents builds on this module
+
+        with transaction.atomic():
+            record_flag_change(change)
+    except Exception:
+        logger.exception("could not note flag change #%s on incident timelines", change.pk)
+
+
+def change_flags(
+    *, actor: Actor, target: Target, changes: dict, reason: str, kind: str = FlagChangeKind.SET
+) -> FlagChange:
+    """Set some of a target's runtime flags by their runbook names (``{"AUTO_MIGRATE": False}``).
+
+    Validated against the model fields' bounds; a change that changes nothing is refused. A
+    change by hand keeps the target's re-enable stage: setting AUTO_MIGRATE=false and retries 0
+    by hand is not an emergency disable (use ``emergency_disable``, which starts the guided
+    re-enable), and changing a flag in the middle of a re-enable leaves the next step due (that
+    step sets its flags again). ``kind`` is ``set`` or ``drill``; the other kinds belong to
+    ``emergency_disable`` and ``reenable_step``.
+    """
+    require_permission(actor, CHANGE_FLAGS_PERMISSION, "change runtime flags")
+    if kind not in (FlagChangeKind.SET, FlagChangeKind.DRILL):
+        raise InvalidRequest(f"a flag change by hand cannot be of kind {kind!r}")
+    values = _clean_flag_changes(changes)
+    reason = _require_reason(reason, "change runtime flags")
+    with transaction.atomic():
+        (locked,) = _locked_targets([target]) or [None]
+        if locked is None:
+            raise TargetNotFound(f"target {target.name!r} no longer exists")
+        if all(getattr(locked, FLAG_FIELDS[name]) == value for name, value in values.items()):
+            raise InvalidRequest(
+                f"nothing to change: {target.name} already has {selectors.describe_flags(values)}"
+            )
+        change = _write_flag_change(
+            actor, locked, values, reason=reason, kind=kind, stage_after=locked.flag_stage
+        )
+    _refresh_flags(target, locked)
+    return change
+
+
+def emergency_disable(*, actor: Actor, targets, reason: str) -> list[FlagChange]:
+    """The runbook's "Quick Disable" (AUTO_MIGRATE=false, MIGRATION_DRY_RUN=true,
+    MIGRATION_MAX_RETRIES=0) on every target in ``targets``: all or none. Each target gets
+    one FlagChange and the stage ``disabled`` (from which the guided re-enable starts), even
+    one disabled already: the reason is worth keeping."""
+    require_permission(actor, CHANGE_FLAGS_PERMISSION, "disable auto-migration")
+    reason = _require_reason(reason, "disable auto-migration")
+    targets = list(targets)
+    if not targets:
+        raise InvalidRequest("no target to disable")
+    with transaction.atomic():
+        locked = _locked_targets(targets)
+        missing = {t.name for t in targets} - {t.name for t in locked}
+        if missing:
+            raise TargetNotFound(f"unknown target {', '.join(sorted(missing))}")
+        changes = [
+            _write_flag_change(
+                actor,
+                target,
+                selectors.QUICK_DISABLE,
+                reason=reason,
+                kind=FlagChangeKind.EMERGENCY_DISABLE,
+                stage_after=FlagStage.DISABLED,
+            )
+            for target in locked
+        ]
+    by_id = {target.pk: target for target in locked}
+    for target in targets:
+        _refresh_flags(target, by_id[target.pk])
+    return changes
+
+
+def reenable_step(*, actor: Actor, target: Target, step: int, reason: str) -> FlagChange:
+    """One step of the runbook's "Progressive Re-enable", only in order: 1 from an emergency
+    disable, 2 after 1, 3 after 2 (which ends in the normal stage)."""
+    require_permission(actor, CHANGE_FLAGS_PERMISSION, "re-enable auto-migration")
+    if step not in selectors.REENABLE_STEPS:
+        raise InvalidRequest(f"no re-enable step {step}: the steps are 1, 2 and 3")
+    reason = _require_reason(reason, "take a re-enable step")
+    definition = selectors.REENABLE_STEPS[step]
+    with transaction.atomic():
+        (locked,) = _locked_targets([target]) or [None]
+        if locked is None:
+            raise TargetNotFound(f"target {target.name!r} no longer exists")
+        due = selectors.next_reenable_step(locked)
+        if due is None:
+            raise InvalidRequest(
+                f"{target.name} is not emergency-disabled: there is no re-enable step to take"
+            )
+        if due != step:
+            raise InvalidRequest(f"step {step} is not due on {target.name}: step {due} is next")
+        change = _write_flag_change(
+            actor,
+            locked,
+            definition.sets,
+            reason=reason,
+            kind=definition.kind,
+            stage_after=definition.stage_after,
+        )
+    _refresh_flags(target, locked)
+    return change
+
+
+def _refresh_flags(target: Target, saved: Target) -> None:
+    """The caller's instance shows what was saved (as a door prints it right after)."""
+    for name in [*FLAG_FIELDS.values(), "flag_stage", "updated_at"]:
+        setattr(target, name, getattr(saved, name))
+
+
+# --- the auto-migrator ------------------------------------------------------------------------
+# What an application runs at start-up (``ops automigrate``): obey the flags, then apply what
+# is pending, each attempt an operation of its own, run in the application's own process.
+AUTO_MIGRATE_BACKOFF_SECONDS = 1.0
+AUTO_MIGRATE_MAX_BACKOFF_SECONDS = 30.0
+AUTO_MIGRATE_POLL_SECONDS = 0.2
+
+
+class AutoMigrateOutcome:
+    BYPASS = "bypass"
+    DISABLED = "disabled"
+    UP_TO_DATE = "up_to_date"
+    PREVIEWED = "previewed"
+    APPLIED = "applied"
+    FAILED = "failed"
+
+
+@dataclass
+class AutoMigrateReport:
+    target: str
+    outcome: str = ""
+    lines: list[str] = field(default_factory=list)
+    operations: list[int] = field(default_factory=list)  # ours: one per attempt
+    waited_for: list[int] = field(default_factory=list)  # other migrators' operations
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != AutoMigrateOutcome.FAILED
+
+
+def auto_migrate(
+    *,
+    actor: Actor,
+    target: Target,
+    flags: dict,
+    reason: str = "",
+    backoff_seconds: float = AUTO_MIGRATE_BACKOFF_SECONDS,
+    say=None,
+) -> AutoMigrateReport:
+    """Decide from ``flags`` (runbook names, as ``selectors.flags_of`` gives them) and migrate.
+
+    EMERGENCY_BYPASS skips everything; AUTO_MIGRATE off does nothing; MIGRATION_DRY_RUN only
+    previews. Otherwise up to 1 + MIGRATION_MAX_RETRIES attempts, each an apply operation
+    waiting MIGRATION_LOCK_TIMEOUT seconds for the lock once. When another migrator's operation
+    is active on the target, wait for it and look again: usually it has applied everything.
+    ``say`` receives each line as it happens (the report keeps them all)."""
+    missing = [name for name in FLAG_FIELDS if name not in flags]
+    if missing:
+        raise InvalidRequest(f"the flags of {target.name} lack {', '.join(missing)}")
+    report = AutoMigrateReport(target=target.name)
+
+    def tell(line: str) -> None:
+        report.lines.append(line)
+        if say is not None:
+            say(line)
+
+    if flags["EMERGENCY_BYPASS"]:
+        report.outcome = AutoMigrateOutcome.BYPASS
+        tell("bypass: migration logic skipped")
+        return report
+    if not flags["AUTO_MIGRATE"]:
+        report.outcome = AutoMigrateOutcome.DISABLED
+        tell("auto-migration disabled")
+        return report
+    dry_run = bool(flags["MIGRATION_DRY_RUN"])
+    lock_timeout = int(flags["MIGRATION_LOCK_TIMEOUT"])
+    attempts = 1 + int(flags["MIGRATION_MAX_RETRIES"])
+    reason = (reason or "").strip() or f"auto-migration by {actor.name}"
+    started = timezone.now()
+    # Waiting for another migrator spends no attempt, but no more time than our attempts could.
+    wait_deadline = time.monotonic() + lock_timeout * attempts
+    attempt = 0
+    last_error = ""
+    while attempt < attempts:
+        pending = _auto_pending(target)
+        if not pending:
+            return _auto_up_to_date(report, target, started, tell)
+        if not report.operations and not report.waited_for:
+            tell(f"pending on {target.name}: {', '.join(pending)}")
+        if not dry_run and needs_approval(actor, target, OperationKind.APPLY, {}):
+            raise InvalidRequest(
+                f"{target.name} requires approval by a second person for every change: an "
+                "application cannot approve its own migrations; have them applied from the "
+                f"console (ops up --target {target.name}) and approved there"
+            )
+        try:
+            operation = _request_auto_attempt(
+                actor, target, reason, dry_run, lock_timeout, attempt + 1, attempts
+            )
+        except OperationInProgress as busy:
+            if time.monotonic() >= wait_deadline:
+                last_error = str(busy)
+                break
+            tell(
+                f"operation #{busy.operation_id} is in progress on {target.name}: waiting for it "
+                f"(up to {lock_timeout} s)"
+            )
+            if busy.operation_id not in report.waited_for:
+                report.waited_for.append(busy.operation_id)
+            _wait_for(busy.operation_id, min(lock_timeout, wait_deadline - time.monotonic()))
+            continue
+        except ServiceError:
+            if not _auto_pending(target):  # another migrator applied it meanwhile
+                return _auto_up_to_date(report, target, started, tell)
+            raise
+        attempt += 1
+        report.operations.append(operation.pk)
+        operation = _run_in_this_process(operation)
+        if operation.status == OperationStatus.SUCCEEDED:
+            return _auto_succeeded(report, operation, tell)
+        last_error = operation.error or operation.status
+        tell(f"attempt {attempt} of {attempts} failed: operation #{operation.pk}: {last_error}")
+        if attempt < attempts:
+            time.sleep(min(backoff_seconds * 2 ** (attempt - 1), AUTO_MIGRATE_MAX_BACKOFF_SECONDS))
+    if not _auto_pending(target):
+        return _auto_up_to_date(report, target, started, tell)
+    report.outcome = AutoMigrateOutcome.FAILED
+    what = "preview" if dry_run else "auto-migration"
+    if report.operations:
+        ours = ", ".join(f"#{pk}" for pk in report.operations)
+        tell(f"{what} of {target.name} failed after {attempt} attempt(s) ({ours}): {last_error}")
+    else:
+        tell(f"{what} of {target.name} gave up waiting: {last_error}")
+    return report
+
+
+def _auto_pending(target: Target) -> list[str]:
+    scripts = engine_scripts(target)
+    if not scripts:
+        raise ServiceError(_no_scripts_hint(target))
+    try:
+        return [s.filename for s in engine.plan.pending(_live_books(target), scripts)]
+    except engine.EngineError as error:
+        raise _plan_error(target, error) from None
+
+
+def _request_auto_attempt(
+    actor: Actor,
+    target: Target,
+    reason: str,
+    dry_run: bool,
+    lock_timeout: int,
+    attempt: int,
+    attempts: int,
+) -> Operation:
+    # One transaction, so the operation is sent (on commit) already carrying its lock
+    # settings: one wait of the flags' lock timeout, retries being operations of their own.
+    with transaction.atomic():
+        operation = request_apply(
+            actor=actor,
+            target=target,
+            reason=reason if attempts == 1 else f"{reason} (attempt {attempt} of {attempts})",
+            dry_run=dry_run,
+            confirm_name=target.name,
+        )
+        operation.params = {
+            **operation.params,
+            "lock_wait_seconds": lock_timeout,
+            "lock_retries": 0,
+            "auto_migrate": {"attempt": attempt, "attempts": attempts},
+        }
+        Operation.objects.filter(pk=operation.pk).update(params=operation.params)
+    return operation
+
+
+def _run_in_this_process(operation: Operation) -> Operation:
+    """Run it here; when a worker claimed it first (a broker is configured), wait for it."""
+    # Without a broker the request's commit has run it here already (tasks run in-process).
+    if Operation.objects.filter(pk=operation.pk, status=OperationStatus.QUEUED).exists():
+        execute_operation(operation.pk, worker=f"automigrate@{socket.gethostname()}")
+    _wait_for(operation.pk, settings.OPERATION_SOFT_TIME_LIMIT + 60)
+    operation.refresh_from_db()
+    return operation
+
+
+def _wait_for(operation_id: int, seconds: float) -> None:
+    deadline = time.monotonic() + max(0.0, seconds)
+    query = Operation.objects.filter(pk=operation_id, status__in=ACTIVE_STATUSES)
+    while query.exists() and time.monotonic() < deadline:
+        time.sleep(AUTO_MIGRATE_POLL_SECONDS)
+
+
+def _auto_up_to_date(report: AutoMigrateReport, target: Target, started, tell) -> AutoMigrateReport:
+    report.outcome = AutoMigrateOutcome.UP_TO_DATE
+    # The books can show another migrator's work a moment before its operation is recorded
+    # as finished: name that operation once it is.
+    by_another = (
+        Operation.objects.filter(target=target, kind=OperationKind.APPLY)
+        .filter(
+            Q(status__in=ACTIVE_STATUSES)
+            | Q(status=OperationStatus.SUCCEEDED, finished_at__gte=started)
+        )
+        .exclude(params__dry_run=True)
+        .exclude(pk__in=report.operations)
+        .order_by("-requested_at", "-id")
+        .first()
+    )
+    if by_another is not None and not by_another.is_finished:
+        _wait_for(by_another.pk, target.lock_timeout_seconds)
+        by_another.refresh_from_db()
+    if by_another is not None and by_another.status == OperationStatus.SUCCEEDED:
+        tell(f"already applied by operation #{by_another.pk} ({by_another.requested_by_name})")
+    else:
+        tell(f"nothing to apply on {target.name}: every imported script is applied")
+    return report
+
+
+def _auto_succeeded(report: AutoMigrateReport, operation: Operation, tell) -> AutoMigrateReport:
+    result = operation.result
+    migrations = ", ".join(operation.params.get("migrations", []))
+    if operation.params.get("dry_run"):
+        report.outcome = AutoMigrateOutcome.PREVIEWED
+        tell(f"dry run (operation #{operation.pk}): would apply {migrations}")
+        for change in result.get("changes", []):
+            tell(f"  {change['kind']}: {change['object']} ({change['detail']})")
+        tell("dry run: rolled back, nothing was changed")
+    else:
+        report.outcome = AutoMigrateOutcome.APPLIED
+        for entry in result.get("books", []):
+            tell(f"  books: {entry}")
+        tell(f"applied {migrations} (operation #{operation.pk})")
+    return report
+
+
+# --- API tokens --------------------------------------------------------------------------------
+# Tokens read like "opc_<43 random characters>"; their first API_TOKEN_PREFIX_LENGTH characters
+# name them in lists, logs and `ops token revoke` (the rest is never kept).
+API_TOKEN_PREFIX = "opc_"  # noqa: S105 (not a secret: every token starts so)
+API_TOKEN_PREFIX_LENGTH = 12
+
+
+class ApiTokenNotFound(ServiceError):
+    pass
+
+
+def create_api_token(*, actor: Actor, name: str, targets) -> tuple[ApiToken, str]:
+    """A new token for the application ``name``, reading only ``targets``. Returns the token
+    row and the token itself, which exists nowhere else: show it once, then forget it."""
+    require_permission(actor, "migrations_ops.add_apitoken", "create API tokens")
+    name = (name or "").strip()
+    if not name:
+        raise InvalidRequest("an API token needs a name: the application that will use it")
+    max_length = ApiToken._meta.get_field("name").max_length
+    if len(name) > max_length:
+        raise InvalidRequest(f"an API token's name has at most {max_length} characters")
+    targets = list(targets)
+    if not targets:
+        raise InvalidRequest("an API token needs at least one target to read")
+    for _attempt in range(3):  # prefixes are random: a clash is rare, and a new draw clears it
+        raw = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        try:
+            with transaction.atomic():
+                token = ApiToken.objects.create(
+                    name=name,
+                    prefix=raw[:API_TOKEN_PREFIX_LENGTH],
+                    token_hash=hash_api_token(raw),
+                    created_by=actor.user,
+                    created_by_name=actor.name,
+                )
+                token.targets.set(targets)
+                record_audit_event(
+                    actor,
+                    "api_token.created",
+                    details={
+                        "token": token.pk,
+                        "name": name,
+                        "prefix": token.prefix,
+                        "targets": sorted(target.name for target in targets),
+                    },
+                )
+        except IntegrityError:
+            continue
+        return token, raw
+    raise ServiceError("could not draw an unused token prefix; try again")
+
+
+def get_api_token(prefix: str) -> ApiToken:
+    token = ApiToken.objects.filter(prefix=(prefix or "").strip()).first()
+    if token is None:
+        raise ApiTokenNotFound(f"no API token with prefix {prefix!r} (see: ops token list)")
+    return token
+
+
+def revoke_api_token(*, actor: Actor, token: ApiToken) -> ApiToken:
+    """Revoke ``token`` for good: requests bearing it are refused from now on."""
+    require_permission(actor, "migrations_ops.change_apitoken", "revoke API tokens")
+    with transaction.atomic():
+        locked = ApiToken.objects.select_for_update().filter(pk=token.pk).first()
+        if locked is None:
+            raise ApiTokenNotFound(f"API token {token.prefix} no longer exists")
+        if locked.revoked_at is not None:
+            raise InvalidRequest(
+                f"API token {locked.prefix} ({locked.name}) was already revoked on "
+                f"{locked.revoked_at:%Y-%m-%d %H:%M} UTC by {locked.revoked_by_name}"
+            )
+        locked.revoked_at = timezone.now()
+        locked.revoked_by_name = actor.name
+        locked.save(update_fields=["revoked_at", "revoked_by_name"])
+        record_audit_event(
+            actor,
+            "api_token.revoked",
+            details={"token": locked.pk, "name": locked.name, "prefix": locked.prefix},
+        )
+        # Forgotten now and again once committed: a request between the two may have cached
+        # the token as still active.
+        forget = partial(cache.delete, _token_cache_key(locked.token_hash))
+        forget()
+        transaction.on_commit(forget)
+    token.revoked_at, token.revoked_by_name = locked.revoked_at, locked.revoked_by_name
+    return token
+
+
+def _token_cache_key(token_hash: str) -> str:
+    return f"api-token:{token_hash}"
+
+
+def authenticate_api_token_cached(raw: str) -> ApiToken:
+    """``authenticate_api_token``, remembered for API_TOKEN_CACHE_SECONDS (a revoke forgets it
+    at once), so an application polling its flags costs no query to know who it is. The token
+    returned is not saved: its id, name, prefix and ``target_ids`` only, and the targets'
+    version (``targets_version``, see below), read from the cache in the same round trip."""
+    key = _token_cache_key(hash_api_token(raw))
+    shared = _cache_is_shared()
+    found = cache.get_many([key, TARGETS_VERSION_KEY] if shared else [key])
+    known = found.get(key)
+    if known is None:
+        token = authenticate_api_token(raw)  # raises InvalidToken; notes last_used_at
+        known = {"id": token.pk, "name": token.name, "prefix": token.prefix}
+        known["target_ids"] = token.target_ids
+        cache.set(key, known, settings.API_TOKEN_CACHE_SECONDS)
+    token = ApiToken(id=known["id"], name=known["name"], prefix=known["prefix"])
+    token.target_ids = known["target_ids"]
+    token.targets_version = found.get(TARGETS_VERSION_KEY) if shared else None
+    return token
+
+
+# --- what the API serves from cache ------------------------------------------------------------
+# Every target's save or delete (flag changes included: they save the target) sets a new
+# "targets version" in the shared cache once committed. What is derived from the targets' rows
+# (the flags documents, the list of targets) is kept under the version it was read at, in the
+# shared cache and in this process's memory, so a request costs one round trip to Redis (the
+# token and the version together) and a change is seen from the next request on. With a cache
+# of this process only (no REDIS_URL) another process's change would not reach it: there the
+# rows are read from the database instead (a flags document is keyed by the row's updated_at).
+TARGETS_VERSION_KEY = "targets-version"
+
+
+def _cache_is_shared() -> bool:
+    return not settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
+
+
+@receiver(post_save, sender=Target, dispatch_uid="api_caches_target_saved")
+@receiver(post_delete, sender=Target, dispatch_uid="api_caches_target_deleted")
+def _target_changed(sender, instance: Target, **kwargs) -> None:
+    flags_changed(instance)
+
+
+def flags_changed(target: Target | None = None) -> None:
+    """Let the API serve ``target``'s new flags (and name, stage...) from the next request on:
+    called for every save or delete of a target (the signal above)."""
+    if not _cache_is_shared():
+        return
+    # Now and again once committed: a request between the two may have cached the old row.
+    cache.set(TARGETS_VERSION_KEY, time.time_ns(), None)
+    transaction.on_commit(lambda: cache.set(TARGETS_VERSION_KEY, time.time_ns(), None))
+
+
+def targets_version(known: int | None = None) -> int:
+    """The current targets version (``known``: as already read with the token)."""
+    if known is not None:
+        return known
+    version = cache.get(TARGETS_VERSION_KEY)
+    if version is None:
+        cache.add(TARGETS_VERSION_KEY, time.time_ns(), None)
+        version = cache.get(TARGETS_VERSION_KEY)
+    return version
+
+
+class _ProcessMemory:
+    """Values derived from one targets version, kept in this process until the version
+    changes (a dict per version: reads and writes of a dict are atomic for threads)."""
+
+    def __init__(self) -> None:
+        self.version = None
+        self.values: dict = {}
+
+    def get(self, version, key):
+        return self.values.get(key) if version == self.version else None
+
+    def set(self, version, key, value) -> None:
+        if version != self.version:
+            self.version, self.values = version, {}
+        self.values[key] = value
+
+
+_flags_memory = _ProcessMemory()
+_targets_memory = _ProcessMemory()
+
+
+@dataclass(frozen=True)
+class FlagsDocument:
+    """``GET /api/targets/<name>/flags`` as served: the JSON body, its ETag and how long an
+    application may keep it (MIGRATION_CACHE_TTL)."""
+
+    target_id: int
+    body: bytes
+    etag: str
+    max_age: int
+
+
+def flags_document(name: str, *, version: int | None = None) -> FlagsDocument:
+    """The flags an application's auto-migrator obeys, with the target's name, its re-enable
+    stage and when a flag last changed. TargetNotFound for an unknown name. ``version``: the
+    targets version if already read (``authenticate_api_token_cached``)."""
+    if not _cache_is_shared():
+        updated_at = Target.objects.filter(name=name).values_list("updated_at", flat=True).first()
+        if updated_at is None:
+            raise TargetNotFound(f"unknown target {name!r}")
+        key = f"flags:{updated_at.timestamp()}:{name}"
+        document = cache.get(key)
+        if document is None:
+            document = _build_flags_document(get_target(name))
+            cache.set(key, document, 3600)
+        return document
+    version = targets_version(version)
+    document = _flags_memory.get(version, name)
+    if document is None:
+        key = f"flags:{version}:{name}"
+        document = cache.get(key)
+        if document is None:
+            document = _build_flags_document(get_target(name))
+            cache.set(key, document, 3600)
+        _flags_memory.set(version, name, document)
+    return document
+
+
+def _build_flags_document(target: Target) -> FlagsDocument:
+    last_change = target.flag_changes.order_by("-changed_at", "-id").first()
+    body = json.dumps(
+        {
+            "target": target.name,
+            "flags": selectors.flags_of(target),
+            "stage": target.flag_stage,
+            "changed_at": last_change.changed_at.isoformat() if last_change else None,
+            "change_reason": last_change.reason if last_change else None,
+        },
+        sort_keys=True,
+    ).encode()
+    # A strong validator: the same bytes always give the same tag, any change a new one.
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    return FlagsDocument(target.pk, body, etag, target.cache_ttl_seconds)
+
+
+def target_ids_by_name(*, only=None, version: int | None = None) -> list[int]:
+    """Every target's id in the order of their names (``only``: those among these ids)."""
+    if _cache_is_shared():
+        version = targets_version(version)
+        ids = _targets_memory.get(version, "ids")
+        if ids is None:
+            ids = list(Target.objects.order_by("name").values_list("pk", flat=True))
+            _targets_memory.set(version, "ids", ids)
+    else:
+        ids = list(Target.objects.order_by("name").values_list("pk", flat=True))
+    return ids if only is None else [pk for pk in ids if pk in only]
+
+
+# A target's status as the API reports it, kept for STATUS_MAX_AGE seconds: a monitor polling
+# the status of 50 targets must not cost 50 connections a request. Kept in the shared cache and
+# in this process's memory; each reading carries when it was made, so wherever it comes from
+# its age is known and told. The shared entry outlives STATUS_MAX_AGE so that, while one
+# request reads a target again, the others serve the reading before (with its age).
+_status_memory: dict[int, dict] = {}
+
+
+def _status_key(target_id: int) -> str:
+    return f"status:{target_id}"
+
+
+# Held by the request reading stale targets again.
+STATUS_READING_KEY = "status-reading"
+
+
+def target_status_reports(target_ids, *, live: bool = False) -> list[dict]:
+    """The status report (selectors.status_report) of each target in ``target_ids``, from a
+    reading at most STATUS_MAX_AGE seconds old, else read live now (all live with ``live``);
+    each with ``read_at`` and ``reading_age_seconds``. In the order of ``target_ids``."""
+    target_ids = list(target_ids)
+    max_age = settings.STATUS_MAX_AGE
+    now = time.time()
+    readings, missing = {}, []
+    for pk in target_ids:
+        entry = None if live else _status_memory.get(pk)
+        if entry is not None and now - entry["read_at"] <= max_age:
+            readings[pk] = entry
+        else:
+            missing.append(pk)
+    if missing:
+        readings |= _shared_or_live_readings(missing, live=live, now=now)
+    now = time.time()
+    reports = []
+    for pk in target_ids:
+        entry = readings.get(pk)
+        if entry is None:  # deleted while being read
+            continue
+        reports.append(
+            entry["report"]
+            | {
+                "read_at": entry["read_at_text"],
+                "reading_age_seconds": round(max(now - entry["read_at"], 0.0), 1),
+            }
+        )
+    return reports
+
+
+def _shared_or_live_readings(target_ids: list[int], *, live: bool, now: float) -> dict:
+    max_age = settings.STATUS_MAX_AGE
+    cached = {} if live else cache.get_many([_status_key(pk) for pk in target_ids])
+    readings, stale, unread = {}, {}, []
+    for pk in target_ids:
+        entry = cached.get(_status_key(pk))
+        if entry is not None and now - entry["read_at"] <= max_age:
+            readings[pk] = entry
+        elif entry is None:
+            unread.append(pk)
+        else:
+            stale[pk] = entry
+    # Stale readings are read again by one request at a time (the others serve them meanwhile,
+    # with their age); a target never read, or ?live=1, is read by whoever asks.
+    if stale and not cache.add(STATUS_READING_KEY, 1, _reading_lock_seconds()):
+        readings |= stale
+        stale = {}
+    try:
+        if stale or unread:
+            readings |= _read_statuses([*stale, *unread])
+    finally:
+        if stale:
+            cache.delete(STATUS_READING_KEY)
+    _status_memory.update(readings)
+    return readings
+
+
+def _reading_lock_seconds() -> int:
+    return settings.TARGET_CONNECT_TIMEOUT + settings.TARGET_STATEMENT_TIMEOUT + 5
+
+
+def _read_statuses(target_ids: list[int]) -> dict[int, dict]:
+    entries = {}
+    for target in selectors.targets_with_observations().filter(pk__in=target_ids):
+        status = read_target_status(target)
+        read_at = time.time()
+        entries[target.pk] = {
+            "read_at": read_at,
+            "read_at_text": dt.datetime.fromtimestamp(read_at, dt.UTC).isoformat(),
+            "report": selectors.status_report(status.target, status.applied, status.error),
+        }
+    keep = max(settings.STATUS_MAX_AGE * 12, 60)
+    cache.set_many({_status_key(pk): entry for pk, entry in entries.items()}, keep)
+    return entries

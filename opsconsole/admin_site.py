@@ -2,23 +2,77 @@
 
 from __future__ import annotations
 
+from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.urls import path
+from django_otp import devices_for_user
+from django_otp.admin import OTPAdminAuthenticationForm
 
 from incidents import reports
-from incidents.models import OPEN_STATUSES, Incident
+from incidents import selectors as incident_selectors
+from incidents.models import OPEN_STATUSES, Drill, DrillRun, Incident
 from migrations_ops import selectors
 from migrations_ops.models import Operation, Target
+from opsconsole.security import otp_required_for
+
+
+class OptionalOTPAuthenticationForm(OTPAdminAuthenticationForm):
+    """The admin's login form while two-factor authentication is on: a TOTP token is asked of
+    members of OTP_REQUIRED_GROUPS; everyone else logs in with a password alone."""
+
+    def clean(self):
+        # The password check of Django's admin form, without the token check that follows it.
+        self.cleaned_data = super(OTPAdminAuthenticationForm, self).clean()
+        user = self.get_user()
+        if user is not None and otp_required_for(user):
+            if not any(devices_for_user(user)):
+                raise forms.ValidationError(
+                    "Your account needs a two-factor device (TOTP) to use the admin: "
+                    "ask a console admin to add one for you.",
+                    code="no_device",
+                )
+            self.clean_otp(user)
+        return self.cleaned_data
+
+    def _chosen_device(self, user):
+        # One device: no need to pick it (the page offers a choice only after a first try).
+        device = super()._chosen_device(user)
+        if device is None:
+            devices = list(devices_for_user(user, for_verify=True))
+            if len(devices) == 1:
+                device = devices[0]
+        return device
 
 
 class OpsAdminSite(admin.AdminSite):
     """``admin.site`` (``opsconsole.apps.OpsAdminConfig``). The index shows, above the usual app
     list, every target's health (``selectors.fleet_overview``) to whoever may view targets,
-    read-only users such as auditors included; nothing on it connects to a target."""
+    read-only users such as auditors included; nothing on it connects to a target.
+
+    With OTP_REQUIRED_GROUPS set, their members use the admin only once verified by a TOTP
+    device (django-otp): the login page asks for the token."""
+
+    @property
+    def login_form(self):
+        return OptionalOTPAuthenticationForm if settings.OTP_REQUIRED_GROUPS else None
+
+    @property
+    def login_template(self):
+        return "otp/admin111/login.html" if settings.OTP_REQUIRED_GROUPS else None
+
+    def has_permission(self, request):
+        user = request.user
+        return super().has_permission(request) and (
+            not otp_required_for(user) or user.is_verified()
+        )
 
     def index(self, request, extra_context=None):
         fleet = self.fleet_context(request)
         context = {"fleet": fleet} if fleet is not None else {}
+        drills = self.drills_context(request)
+        if drills is not None:
+            context["drills"] = drills
         return super().index(request, {**context, **(extra_context or {})})
 
     def get_urls(self):
@@ -59,4 +113,15 @@ class OpsAdminSite(admin.AdminSite):
             "can_view_incidents": incident_admin is not None
             and incident_admin.has_view_permission(request),
             "open_statuses": ",".join(OPEN_STATUSES),
+        }
+
+    def drills_context(self, request) -> dict | None:
+        """Each drill: when it last ran, its result, whether it is overdue."""
+        drill_admin = self._registry.get(Drill)
+        if drill_admin is None or not drill_admin.has_view_permission(request):
+            return None
+        run_admin = self._registry.get(DrillRun)
+        return {
+            "states": incident_selectors.drill_states(),
+            "can_view_runs": run_admin is not None and run_admin.has_view_permission(request),
         }

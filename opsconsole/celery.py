@@ -27,6 +27,26 @@ def close_old_database_connections(sender=None, **kwargs) -> None:
     close_old_connections()
 
 
+@task_prerun.connect
+def bind_task_request_id(sender=None, task_id=None, **kwargs) -> None:
+    """The task's id is the request id of the audit events it writes; a task run in-process
+    (eager) keeps its caller's (opsconsole.middleware)."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    from opsconsole import middleware
+
+    middleware.bind_task(task_id or "")
+
+
+@task_postrun.connect
+def unbind_task_request_id(sender=None, **kwargs) -> None:
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    from opsconsole import middleware
+
+    middleware.unbind_task()
+
+
 @worker_ready.connect
 @worker_process_init.connect
 def freeze_start_up_objects(**kwargs) -> None:

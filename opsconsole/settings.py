@@ -4,6 +4,9 @@ With nothing set, the console runs on its embedded default: a SQLite file in ``d
 Celery tasks executed in-process. Production deployments use ``opsconsole.settings_production``.
 """
 
+import base64
+import datetime as dt
+import hashlib
 from pathlib import Path
 
 import environ
@@ -29,18 +32,26 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "axes",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "migrations_ops",
     "incidents",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # A request id and the client's address for every audit event the request writes.
+    "opsconsole.middleware.RequestContextMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",  # request.user.is_verified()
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: it turns a locked-out login into its refusal page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "opsconsole.urls"
@@ -91,6 +102,41 @@ STATIC_URL = "static/"
 STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
 
 LOGIN_URL = "admin:login"
+
+# --- Logging in: throttling, lock-out, two factors ----------------------------------------------
+# django-axes counts failed logins and refuses further attempts once AXES_FAILURE_LIMIT is
+# reached, for AXES_COOLOFF_MINUTES (a console admin lifts it sooner: *Access attempts* in the
+# admin, or `manage.py axes_reset_username NAME`). Its backend must come first.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = dt.timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", default=15))
+# Locked out: the pair of user name and address, not either alone. By user name alone, anyone
+# could lock an on-call engineer out in the middle of an incident by typing wrong passwords;
+# by address alone, one mistyping colleague behind the office NAT or VPN would lock out all the
+# others. The pair stops password guessing against an account from one address, and the
+# account's owner still logs in from their own.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# Failed logins stay listed (*Access failure logs*) after a lock-out is lifted.
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+AXES_SENSITIVE_PARAMETERS = ["password", "otp_token"]
+# Behind TRUSTED_PROXY_COUNT reverse proxies the client's address is the one the outermost
+# proxy put in X-Forwarded-For, not REMOTE_ADDR (which is the nearest proxy).
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0)
+AXES_CLIENT_IP_CALLABLE = "opsconsole.security.client_ip"
+# Two-factor authentication for the admin (django-otp, TOTP devices managed by console admins
+# under *TOTP devices*): members of OTP_REQUIRED_GROUPS must give a token from their device to
+# use the admin. ADMIN_OTP_REQUIRED=true names the Console admin and Incident commander groups
+# (migrations_ops/roles.py). Off by default.
+ADMIN_OTP_REQUIRED = env.bool("ADMIN_OTP_REQUIRED", default=False)
+OTP_REQUIRED_GROUPS = env.list(
+    "OTP_REQUIRED_GROUPS",
+    default=["Console admin", "Incident commander"] if ADMIN_OTP_REQUIRED else [],
+)
+OTP_TOTP_ISSUER = "opsconsole"
 CSRF_FAILURE_VIEW = "opsconsole.views.csrf_failure"
 
 # --- Celery -----------------------------------------------------------------------------------
@@ -169,6 +215,38 @@ TARGET_STATEMENT_TIMEOUT = env.int("TARGET_STATEMENT_TIMEOUT", default=10)
 TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
 # Seconds an application's health URL (Target.health_url) has to answer an incident's checks.
 HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=5)
+# Target connection URLs are stored encrypted (Fernet) with these keys: the first encrypts,
+# every one decrypts, so a new key goes first and the old one stays until `ops rotate-secrets`
+# has re-encrypted every URL. A key: python -c "from cryptography.fernet import Fernet;
+# print(Fernet.generate_key().decode())". Without one, a development console (DEBUG) derives
+# its key from SECRET_KEY; production settings require it.
+TARGET_SECRET_KEY = env.list("TARGET_SECRET_KEY", default=[])
+if not TARGET_SECRET_KEY and DEBUG:
+    TARGET_SECRET_KEY = [
+        base64.urlsafe_b64encode(
+            hashlib.sha256(f"opsconsole target urls:{SECRET_KEY}".encode()).digest()
+        ).decode()
+    ]
+
+# --- the API's caches ---------------------------------------------------------------------------
+# Shared by every process through Redis when REDIS_URL is set; otherwise each process keeps its
+# own (then the flags endpoint checks the target's row on each request, so a change made by
+# another process is still seen at once: see services.flags_document).
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="opsconsole"),
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# GET /api/migrations/status answers from a reading of each target at most this many seconds
+# old (each target's answer says how old); an older one is read again, and ?live=1 reads all.
+STATUS_MAX_AGE = env.float("STATUS_MAX_AGE", default=5)
+# Seconds an authenticated API token is remembered (a revoke forgets it at once).
+API_TOKEN_CACHE_SECONDS = env.int("API_TOKEN_CACHE_SECONDS", default=60)
 
 LOGGING = {
     "version": 1,
@@ -179,6 +257,8 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
         "kombu": {"level": "WARNING"},
+        # django-axes announces its configuration at every start, CLI commands included.
+        "axes.apps": {"level": "WARNING"},
         # In-process tasks would print a line per task into every CLI command's output.
         "celery.app.trace": {"level": "WARNING" if CELERY_TASK_ALWAYS_EAGER else "INFO"},
     },

@@ -1,5 +1,6 @@
 """Production settings: everything from the environment, nothing insecure by default."""
 
+from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
 from .settings import *  # noqa: F403
@@ -19,6 +20,23 @@ if (
         '(python -c "import secrets; print(secrets.token_urlsafe(64))")'
     )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")
+
+# The key that encrypts the targets' connection URLs (settings.py): never derived here.
+TARGET_SECRET_KEY = env.list("TARGET_SECRET_KEY", default=[])
+if not TARGET_SECRET_KEY:
+    raise ImproperlyConfigured(
+        "TARGET_SECRET_KEY must be set in production: it encrypts the targets' connection URLs "
+        '(python -c "from cryptography.fernet import Fernet; '
+        'print(Fernet.generate_key().decode())")'
+    )
+for _position, _key in enumerate(TARGET_SECRET_KEY, start=1):
+    try:
+        Fernet(_key)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TARGET_SECRET_KEY: key {_position} is not a Fernet key "
+            "(32 url-safe base64-encoded bytes)"
+        ) from None
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)

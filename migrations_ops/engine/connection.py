@@ -57,6 +57,20 @@ class TargetConnection:
         finally:
             cursor.close()
 
+    def fetch_table(
+        self, query: str, params: Sequence[Any] = ()
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """``fetch_dicts``, with the result's column names (known even when it has no rows)."""
+        cursor = self.raw.cursor()
+        try:
+            cursor.execute(query, params)
+            if cursor.description is None:
+                return [], []
+            names = [column[0] for column in cursor.description]
+            return names, [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            cursor.close()
+
     def execute(self, query: str, params: Sequence[Any] = ()) -> int:
         cursor = self.raw.cursor()
         try:
@@ -99,19 +113,40 @@ class TargetConnection:
         )
         return bool(rows)
 
-    def missing_tables(self, tables: Sequence[str]) -> list[str]:
-        """Which of ``tables`` do not exist: on PostgreSQL in one round trip."""
+    def missing_tables(
+        self, tables: Sequence[str], *, advisory_lock: str | None = None
+    ) -> list[str]:
+        """Which of ``tables`` do not exist: on PostgreSQL in one round trip, which with
+        ``advisory_lock`` (PostgreSQL only) also takes the transaction-level advisory lock of
+        that key's hash."""
         if self.dialect != "postgresql":  # SQLite is in-process: a query per table costs nothing
+            if advisory_lock is not None:
+                raise EngineError("advisory locks are PostgreSQL's")
             return [table for table in tables if not self.table_exists(table)]
-        rows = self.fetch_dicts(
-            "SELECT to_regclass(name) IS NOT NULL AS found "
-            "FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, position) ORDER BY position",
-            [[self.quote(table) for table in tables]],
-        )
+        names = [self.quote(table) for table in tables]
+        if advisory_lock is None:
+            rows = self.fetch_dicts(
+                "SELECT to_regclass(name) IS NOT NULL AS found "
+                "FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, position) ORDER BY position",
+                [names],
+            )
+        else:
+            # MATERIALIZED: the lock is taken once, whatever the plan.
+            rows = self.fetch_dicts(
+                "WITH taken AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext(%s))) "
+                "SELECT to_regclass(name) IS NOT NULL AS found "
+                "FROM taken, unnest(%s::text[]) WITH ORDINALITY AS t(name, position) "
+                "ORDER BY position",
+                [advisory_lock, names],
+            )
         return [table for table, row in zip(tables, rows, strict=True) if not row["found"]]
 
-    def require_tables(self, convention_name: str, *tables: str) -> None:
-        missing = self.missing_tables(tables)
+    def require_tables(
+        self, convention_name: str, *tables: str, advisory_lock: str | None = None
+    ) -> None:
+        """Raise ``NotAMigrationsDatabase`` unless every table exists (see ``missing_tables``
+        for ``advisory_lock``)."""
+        missing = self.missing_tables(tables, advisory_lock=advisory_lock)
         if missing:
             where = f" in schema {self.schema!r}" if self.schema else ""
             raise NotAMigrationsDatabase(

@@ -28,6 +28,8 @@ class LockState:
     # When the target itself says the lock was taken; None when its table keeps no time.
     locked_at: dt.datetime | None = None
     holder: str | None = None
+    # The lock table's columns as the read found them (not part of what was seen).
+    columns: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -99,8 +101,12 @@ class Convention:
     migrations_table: ClassVar[str]
     lock_table: ClassVar[str]
 
-    def require_tables(self, connection: TargetConnection) -> None:
-        connection.require_tables(self.name, self.migrations_table, self.lock_table)
+    def require_tables(
+        self, connection: TargetConnection, *, advisory_lock: str | None = None
+    ) -> None:
+        connection.require_tables(
+            self.name, self.migrations_table, self.lock_table, advisory_lock=advisory_lock
+        )
 
     # --- reading -------------------------------------------------------------------------------
     def read_lock(
@@ -111,13 +117,18 @@ class Convention:
         query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
         if for_update and connection.dialect == "postgresql":
             query += " FOR UPDATE"
-        rows = [{k: jsonable(v) for k, v in row.items()} for row in connection.fetch_dicts(query)]
+        columns, found = connection.fetch_table(query)
+        rows = [{k: jsonable(v) for k, v in row.items()} for row in found]
         held_rows = [row for row in rows if self.row_holds_lock(row)]
         if not held_rows:
-            return LockState(held=False, rows=rows)
+            return LockState(held=False, rows=rows, columns=tuple(columns))
         locked_at = self.locked_at(held_rows[0])
         return LockState(
-            held=True, rows=rows, locked_at=locked_at, holder=self.holder(held_rows[0])
+            held=True,
+            rows=rows,
+            locked_at=locked_at,
+            holder=self.holder(held_rows[0]),
+            columns=tuple(columns),
         )
 
     def read_applied(
@@ -174,20 +185,22 @@ class Convention:
         ``when_held`` is shown the lock if it is held, and may raise to give up."""
         with connection.transaction():
             if connection.dialect == "postgresql":
-                # Serialises console takers even where the lock table has no unique key.
-                connection.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                    [f"opsconsole:{connection.schema or ''}:{self.lock_table}"],
-                )
-            lock = self.read_lock(connection, for_update=True)
+                # The advisory lock serialises console takers even where the lock table has no
+                # unique key; taken in the same round trip as the tables are checked.
+                key = f"opsconsole:{connection.schema or ''}:{self.lock_table}"
+                self.require_tables(connection, advisory_lock=key)
+            else:
+                self.require_tables(connection)
+            lock = self.read_lock(connection, for_update=True, check_tables=False)
             if lock.held:
                 if when_held is not None:
                     when_held(lock)
                 return False
-            self._take(connection, holder)
+            self._take(connection, holder, lock)
         return True
 
-    def _take(self, connection: TargetConnection, holder: str) -> None:
+    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
+        """Write the lock as taken by ``holder``; ``lock``: as just read, free."""
         raise NotImplementedError
 
     def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
@@ -270,8 +283,8 @@ class RunbookConvention(Convention):
         # The runbook's Scenario 3: "DELETE FROM migration_lock" releases every lock row.
         connection.execute(f"DELETE FROM {connection.quote(self.lock_table)}")  # noqa: S608
 
-    def _take(self, connection: TargetConnection, holder: str) -> None:
-        present = set(connection.columns(self.lock_table))
+    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
+        present = set(lock.columns)  # the lock row was read with them, in this transaction
         values: dict[str, Any] = {"id": 1}
         if "locked_at" in present:
             values["locked_at"] = connection.timestamp(dt.datetime.now(UTC))
@@ -286,6 +299,15 @@ class RunbookConvention(Convention):
 
     def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
         table = connection.quote(self.lock_table)
+        if connection.dialect == "postgresql":
+            # One round trip, whatever the migration just run did to the table: the holder's
+            # rows where the table keeps a holder, else every row (as below).
+            connection.execute(
+                f"DELETE FROM {table} AS lock_row WHERE NOT to_jsonb(lock_row) ? 'locked_by'"  # noqa: S608
+                " OR to_jsonb(lock_row) ->> 'locked_by' = %s",
+                [holder],
+            )
+            return
         if "locked_by" in connection.columns(self.lock_table):
             connection.execute(
                 f"DELETE FROM {table} WHERE locked_by = {connection.placeholder}",  # noqa: S608
@@ -376,7 +398,7 @@ class KnexConvention(Convention):
             f"UPDATE {connection.quote(self.lock_table)} SET is_locked = 0"  # noqa: S608
         )
 
-    def _take(self, connection: TargetConnection, holder: str) -> None:
+    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
         table = connection.quote(self.lock_table)
         if not connection.execute(f"UPDATE {table} SET is_locked = 1"):  # noqa: S608
             connection.execute(f"INSERT INTO {table} (is_locked) VALUES (1)")  # noqa: S608

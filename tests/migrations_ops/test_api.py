@@ -174,3 +174,79 @@ def test_reading_status_updates_the_lock_observation(reader, two_targets):
     assert observations["orders-staging"].held is True
     assert observations["orders-staging"].holder == "deploy-7f3a (pid 4121)"
     assert observations["billing-dev"].held is False
+
+
+# --- tokens, and readings served from the last few seconds --------------------------------------
+@pytest.fixture
+def billing_token(roles, two_targets):
+    from django.contrib.auth.models import Group
+
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+    from migrations_ops.models import Door
+    from migrations_ops.roles import CONSOLE_ADMIN
+
+    admin = UserFactory(username="admin1")
+    admin.groups.add(Group.objects.get(name=CONSOLE_ADMIN))
+    _, raw = services.create_api_token(
+        actor=Actor.for_user(admin, Door.ADMIN),
+        name="billing",
+        targets=[two_targets["billing-dev"]],
+    )
+    return {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+
+
+def test_a_token_sees_only_its_targets(client, billing_token):
+    response = client.get(STATUS, **billing_token)
+
+    assert response.status_code == 200
+    assert [t["name"] for t in response.json()["targets"]] == ["billing-dev"]
+    assert client.get(STATUS, {"target": "billing-dev"}, **billing_token).status_code == 200
+
+
+def test_a_token_asking_for_a_target_outside_its_scope_is_403(client, billing_token):
+    error = assert_json_error(
+        client.get(STATUS, {"target": "orders-staging"}, **billing_token), 403, "forbidden"
+    )
+    assert "orders-staging" in error["message"]
+    assert_json_error(
+        client.get(STATUS, {"target": "nope"}, **billing_token), 404, "unknown_target"
+    )
+
+
+def test_a_bad_token_is_401(client, two_targets):
+    assert_json_error(
+        client.get(STATUS, HTTP_AUTHORIZATION="Bearer opc_not-a-token"), 401, "invalid_token"
+    )
+
+
+def test_each_target_says_how_old_its_reading_is_and_live_reads_again(
+    reader, two_targets, settings
+):
+    settings.STATUS_MAX_AGE = 60
+    first = reader.get(STATUS).json()
+    assert first["max_age_seconds"] == 60
+    for target in first["targets"]:
+        assert 0 <= target["reading_age_seconds"] < 5
+        assert dt.datetime.fromisoformat(target["read_at"]) <= dt.datetime.now(dt.UTC)
+    observed = LockObservation.objects.get(target__name="billing-dev").observed_at
+
+    # Within STATUS_MAX_AGE the reading is served again, unchanged, without reading the target.
+    cached = reader.get(STATUS).json()
+    assert [t["read_at"] for t in cached["targets"]] == [t["read_at"] for t in first["targets"]]
+    assert LockObservation.objects.get(target__name="billing-dev").observed_at == observed
+
+    # ?live=1 reads every target now.
+    live = reader.get(STATUS, {"live": "1"}).json()
+    assert live["max_age_seconds"] == 0
+    for before, now in zip(first["targets"], live["targets"], strict=True):
+        assert now["read_at"] > before["read_at"]
+    assert LockObservation.objects.get(target__name="billing-dev").observed_at > observed
+
+
+def test_a_reading_older_than_status_max_age_is_read_again(reader, two_targets, settings):
+    settings.STATUS_MAX_AGE = 0
+    first = reader.get(STATUS).json()["targets"]
+    second = reader.get(STATUS).json()["targets"]
+    for before, now in zip(first, second, strict=True):
+        assert now["read_at"] > before["read_at"]

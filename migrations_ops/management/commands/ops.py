@@ -9,6 +9,7 @@ Naming a production target on the command line is the typed confirmation it need
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from incidents import selectors as incident_selectors
 from incidents import services as incident_services
-from incidents.models import Incident
-from migrations_ops import selectors, services
+from incidents.models import Drill, DrillKind, DrillRunStatus, Incident
+from migrations_ops import flag_client, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.demo import load_demo
 from migrations_ops.engine import CONVENTIONS
@@ -37,7 +39,8 @@ STILL_RUNNING_EXIT_STATUS = 2
 class Command(BaseCommand):
     help = (
         "Operate on target databases: register, status, unlock, import, up, rollback, verify, "
-        "cleanup, mark-applied, mark-rolled-back, demo."
+        "cleanup, mark-applied, mark-rolled-back, flags, disable, reenable, token, sweep, "
+        "automigrate, drill, audit-verify, demo, rotate-secrets."
     )
 
     def add_arguments(self, parser):
@@ -104,10 +107,106 @@ class Command(BaseCommand):
         reject.add_argument("--operation", type=int, required=True)
         reject.add_argument("--reason", required=True)
 
+        flags = commands.add_parser("flags", help="show a target's runtime flags, or set some")
+        flags.add_argument("--target", required=True)
+        flags.add_argument(
+            "--set",
+            dest="assignments",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="e.g. AUTO_MIGRATE=false (repeatable; needs --reason)",
+        )
+        flags.add_argument("--reason", default="")
+        disable = commands.add_parser(
+            "disable", help="emergency-disable auto-migration (the runbook's quick disable)"
+        )
+        which = disable.add_mutually_exclusive_group(required=True)
+        which.add_argument("--target", dest="targets", action="append", metavar="NAME")
+        which.add_argument("--all", action="store_true", help="every target")
+        disable.add_argument("--reason", required=True)
+        reenable = commands.add_parser("reenable", help="take a progressive re-enable step")
+        reenable.add_argument("--target", required=True)
+        reenable.add_argument("--step", type=int, required=True, choices=[1, 2, 3])
+        reenable.add_argument("--reason", required=True)
+
+        token = commands.add_parser("token", help="create, list or revoke applications' API tokens")
+        token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+        token_create = token_commands.add_parser(
+            "create", help="a new token (printed once, alone on its line: keep it)"
+        )
+        token_create.add_argument("--name", required=True, help="the application using it")
+        token_create.add_argument(
+            "--targets", required=True, metavar="N1,N2", help="the targets it may read"
+        )
+        token_revoke = token_commands.add_parser("revoke", help="revoke a token for good")
+        token_revoke.add_argument("prefix", metavar="PREFIX", help="as `ops token list` shows it")
+        token_commands.add_parser("list", help="every token: prefix, targets, use, revocation")
+
         commands.add_parser(
             "sweep", help="send stuck queued operations again, mark dead workers' operations lost"
         )
+        commands.add_parser(
+            "audit-verify",
+            help="walk the audit trail's hash chain: name the first event altered, inserted or "
+            "removed",
+        )
         commands.add_parser("demo", help="load the demo targets and admin user")
+        drill = commands.add_parser(
+            "drill", help="the runbook's drills on sandbox targets: schedule, run, list"
+        )
+        drill_commands = drill.add_subparsers(dest="drill_command", required=True, metavar="ACTION")
+        for action, help_text in [
+            ("schedule", "schedule a drill (monthly lock release, quarterly rollback)"),
+            ("run", "run a drill now, here, and print its measured times and score"),
+        ]:
+            drill_action = drill_commands.add_parser(action, help=help_text)
+            drill_action.add_argument("--kind", required=True, choices=DrillKind.values)
+            drill_action.add_argument("--target", required=True, help="a sandbox target")
+            if action == "schedule":
+                drill_action.add_argument(
+                    "--disable", action="store_true", help="keep it, but off the schedule"
+                )
+        drill_commands.add_parser("list", help="every drill: schedule, last run, overdue")
+        commands.add_parser(
+            "rotate-secrets",
+            help="encrypt every connection URL again with the first key of TARGET_SECRET_KEY",
+        )
+
+        automigrate = commands.add_parser(
+            "automigrate",
+            help="what an application runs at start-up: obey its flags, apply what is pending",
+        )
+        automigrate.add_argument("--target", required=True)
+        automigrate.add_argument(
+            "--app", default="", help="the application's name, recorded as the actor"
+        )
+        automigrate.add_argument(
+            "--console",
+            default=os.environ.get("OPSCONSOLE_URL", ""),
+            metavar="URL",
+            help="read the flags from this console over HTTP (default: $OPSCONSOLE_URL; "
+            "unset: from this host's database)",
+        )
+        automigrate.add_argument(
+            "--token",
+            default=os.environ.get("OPSCONSOLE_TOKEN", ""),
+            help="the application's API token (default: $OPSCONSOLE_TOKEN)",
+        )
+        automigrate.add_argument(
+            "--cache-file",
+            default="",
+            metavar="PATH",
+            help="where the last flags are kept for MIGRATION_CACHE_TTL seconds "
+            "(default: DATA_DIR/automigrate/TARGET.flags.json)",
+        )
+        automigrate.add_argument(
+            "--backoff",
+            type=float,
+            default=services.AUTO_MIGRATE_BACKOFF_SECONDS,
+            metavar="SECONDS",
+            help="pause after the first failed attempt, doubling after each next one",
+        )
 
     @staticmethod
     def _operation_parser(commands, name: str, help_text: str):
@@ -387,6 +486,96 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"operation #{operation.pk} rejected: {options['reason']}")
 
+    # --- runtime flags -------------------------------------------------------------------------
+    def handle_flags(self, actor, options):
+        target = services.get_target(options["target"])
+        if options["assignments"]:
+            changes = {}
+            for assignment in options["assignments"]:
+                name, equals, value = assignment.partition("=")
+                if not equals:
+                    raise CommandError(f"--set takes NAME=VALUE, not {assignment!r}")
+                changes[name.strip()] = value
+            change = services.change_flags(
+                actor=actor, target=target, changes=changes, reason=options["reason"]
+            )
+            self.stdout.write(
+                f"flags of {target.name} changed: {selectors.describe_flag_change(change)}"
+            )
+        self._print_flags(target)
+
+    def _print_flags(self, target):
+        for name, value in selectors.flags_of(target).items():
+            self.stdout.write(f"{name}={selectors.flag_value_text(value)}")
+        self.stdout.write(f"stage: {target.get_flag_stage_display()}")
+        step = selectors.next_reenable_step(target)
+        if step:
+            self.stdout.write(
+                f"next re-enable step: {step} ({selectors.REENABLE_STEPS[step].label})"
+            )
+
+    def handle_disable(self, actor, options):
+        if options["all"]:
+            targets = list(selectors.targets_with_observations())
+        else:
+            targets = [services.get_target(name) for name in options["targets"]]
+        changes = services.emergency_disable(actor=actor, targets=targets, reason=options["reason"])
+        for change in changes:
+            self.stdout.write(
+                f"{change.target.name}: disabled ({selectors.describe_flag_change(change)})"
+            )
+        self.stdout.write(f"auto-migration disabled on {len(changes)} target(s)")
+
+    def handle_reenable(self, actor, options):
+        target = services.get_target(options["target"])
+        change = services.reenable_step(
+            actor=actor, target=target, step=options["step"], reason=options["reason"]
+        )
+        self.stdout.write(
+            f"re-enable step {options['step']} taken on {target.name}: "
+            f"{selectors.describe_flag_change(change)}"
+        )
+        self._print_flags(target)
+
+    # --- API tokens ----------------------------------------------------------------------------
+    def handle_token(self, actor, options):
+        getattr(self, f"_token_{options['token_command']}")(actor, options)
+
+    def _token_create(self, actor, options):
+        names = [name.strip() for name in options["targets"].split(",") if name.strip()]
+        targets = [services.get_target(name) for name in names]
+        token, raw = services.create_api_token(actor=actor, name=options["name"], targets=targets)
+        # The token alone on stdout (TOKEN=$(ops token create ...)); the rest on stderr.
+        self.stdout.write(raw)
+        self.stderr.write(
+            f"API token {token.prefix} for {token.name}, reading {', '.join(names)}. "
+            "It is shown this once and kept only as a hash: store it now "
+            "(the application sends it as: Authorization: Bearer TOKEN)."
+        )
+
+    def _token_revoke(self, actor, options):
+        token = services.revoke_api_token(
+            actor=actor, token=services.get_api_token(options["prefix"])
+        )
+        self.stdout.write(f"API token {token.prefix} ({token.name}) revoked: refused from now on")
+
+    def _token_list(self, actor, options):
+        if not actor.has_perm("migrations_ops.view_apitoken"):
+            raise CommandError(f"{actor.name} is not allowed to list API tokens")
+        for token in selectors.api_tokens():
+            targets = ",".join(target.name for target in token.targets.all())
+            used = f"{token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never"
+            state = (
+                f"revoked {token.revoked_at:%Y-%m-%d %H:%M} by {token.revoked_by_name}"
+                if token.revoked_at
+                else "active"
+            )
+            self.stdout.write(
+                f"{token.prefix}  {token.name}  targets={targets}  "
+                f"created={token.created_at:%Y-%m-%d %H:%M} by {token.created_by_name}  "
+                f"last used={used}  {state}"
+            )
+
     def handle_sweep(self, actor, options):
         report = services.sweep_operations(actor=actor)
         for line in report.lines():
@@ -396,6 +585,127 @@ class Command(BaseCommand):
             f"{len(report.lost)} marked lost"
         )
 
+    def handle_audit_verify(self, actor, options):
+        if not actor.has_perm("migrations_ops.view_auditevent"):
+            raise CommandError(f"{actor.name} is not allowed to view the audit trail")
+        report, problems = selectors.verify_audit_chain()
+        if problems:
+            for problem in problems:
+                self.stderr.write(problem.message)
+            shown = "" if report.problem_count == len(problems) else f", the first {len(problems)}"
+            raise CommandError(
+                f"audit chain broken: {report.problem_count} problem(s) in {report.count} "
+                f"events{shown} named above"
+            )
+        last = f", last #{report.last_id} {report.last_hash}" if report.count else ""
+        self.stdout.write(f"audit chain intact: {report.count} events{last}")
+
+    def handle_rotate_secrets(self, actor, options):
+        count = services.rotate_target_secrets(actor=actor)
+        self.stdout.write(
+            f"re-encrypted {count} connection URL{'s' if count != 1 else ''} with the first key "
+            "of TARGET_SECRET_KEY: the older keys may now be removed"
+        )
+
+    # --- the auto-migrator ----------------------------------------------------------------------
+    def handle_automigrate(self, actor, options):
+        target = services.get_target(options["target"])
+        if options["backoff"] < 0:
+            raise CommandError("--backoff cannot be negative")
+        reading = self._automigrate_flags(target, options)
+        if reading.note:
+            self.stderr.write(f"warning: {reading.note}")
+        shown = ", ".join(
+            f"{name}={selectors.flag_value_text(value)}" for name, value in reading.flags.items()
+        )
+        self.stdout.write(f"flags of {target.name} ({reading.origin}): {shown}")
+        report = services.auto_migrate(
+            actor=Actor.auto_migrator(options["app"] or target.name),
+            target=target,
+            flags=reading.flags,
+            backoff_seconds=options["backoff"],
+            say=self.stdout.write,
+        )
+        if not report.ok:
+            raise CommandError(report.lines[-1])
+
+    @staticmethod
+    def _automigrate_flags(target, options) -> flag_client.FlagReading:
+        """From the console over HTTP, or from this host's books; cached the same way."""
+        console, token = options["console"], options["token"]
+        if console and not token:
+            raise CommandError("--console needs --token (or OPSCONSOLE_TOKEN): an API token")
+        default_cache = Path(settings.DATA_DIR) / "automigrate" / f"{target.name}.flags.json"
+        try:
+            if console:
+                fetch = flag_client.http_fetcher(console, token, target.name)
+                source = flag_client.flags_url(console, target.name)
+            else:
+
+                def fetch(etag: str) -> flag_client.Fetched:
+                    target.refresh_from_db()
+                    return flag_client.Fetched(selectors.flags_of(target))
+
+                source = "local"
+            cache = flag_client.FlagCache(
+                options["cache_file"] or default_cache, source=source, target=target.name
+            )
+            return flag_client.read_flags(cache, fetch)
+        except flag_client.FlagsUnavailable as error:
+            raise CommandError(f"cannot read the flags of {target.name}: {error}") from None
+
+    def handle_drill(self, actor, options):
+        action = options["drill_command"]
+        if action == "list":
+            return self._list_drills()
+        target = services.get_target(options["target"])
+        if action == "schedule":
+            drill = incident_services.schedule_drill(
+                actor=actor, kind=options["kind"], target=target, enabled=not options["disable"]
+            )
+            state = "scheduled" if drill.enabled else "disabled"
+            self.stdout.write(f"drill #{drill.pk} {drill}: {state} ({_crontab(drill)})")
+            return None
+        drill = Drill.objects.filter(kind=options["kind"], target=target).first()
+        if drill is None:
+            raise CommandError(
+                f"no {options['kind']} drill on {target.name}: "
+                f"schedule it first (ops drill schedule --kind {options['kind']} "
+                f"--target {target.name})"
+            )
+        run = incident_services.run_drill(actor=actor, drill=drill)
+        for line in run.log.splitlines():
+            self.stdout.write(f"  {line}")
+        for phase in ("detect", "mitigate", "recover"):
+            seconds = getattr(run, f"{phase}_seconds")
+            shown = "-" if seconds is None else f"{seconds:.3f} s"
+            self.stdout.write(f"time to {phase}: {shown}")
+        score = {True: "objectives met", False: "objectives missed", None: "not scored"}
+        incident = f", drill incident #{run.incident_id}" if run.incident_id else ""
+        self.stdout.write(
+            f"drill run #{run.pk}: {run.status}, {score[run.met_objectives]}{incident}"
+        )
+        if run.status != DrillRunStatus.SUCCEEDED:
+            raise CommandError(f"drill run #{run.pk} failed: {run.error}")
+        return None
+
+    def _list_drills(self):
+        states = incident_selectors.drill_states()
+        if not states:
+            self.stdout.write("no drills (ops drill schedule --kind KIND --target SANDBOX)")
+        for state in states:
+            drill, run = state.drill, state.last_run
+            last = f"#{run.pk} {run.status} {run.started_at:%Y-%m-%d %H:%M} UTC" if run else "never"
+            if state.overdue:
+                due = "OVERDUE" + (f" since {state.due_since:%Y-%m-%d}" if state.due_since else "")
+            else:
+                due = f"due {state.due_since:%Y-%m-%d}"
+            enabled = "" if drill.enabled else " (disabled)"
+            self.stdout.write(
+                f"#{drill.pk} {drill.kind} on {drill.target.name}{enabled}: "
+                f"{_crontab(drill)}; last run {last}; {due}"
+            )
+
     def handle_demo(self, actor, options):
         result = load_demo(Path(settings.DATA_DIR) / "demo")
         for target in result.targets:
@@ -404,3 +714,13 @@ class Command(BaseCommand):
         incident = result.incident
         self.stdout.write(f"open incident #{incident.pk}: {incident.title}")
         self.stdout.write(f"admin login: username {result.username}  password {result.password}")
+
+
+def _crontab(drill: Drill) -> str:
+    task = drill.periodic_task
+    if task is None or task.crontab is None:
+        return "not scheduled"
+    c = task.crontab
+    return (
+        f"cron {c.minute} {c.hour} {c.day_of_month} {c.month_of_year} {c.day_of_week} {c.timezone}"
+    )

@@ -1,0 +1,385 @@
+"""The read API under load: GET /api/migrations/status and GET /api/targets/<name>/flags.
+
+    .venv/bin/python bench/status_api.py [--duration S] [--connections N] [--targets N]
+                                         [--workers N] [--threads N] [--check]
+
+Builds everything it needs on the local PostgreSQL and Redis and removes it at the end (also
+on Ctrl-C and errors): a console database, a target database holding one schema per target
+(50 by default, each with the runbook's books, registered as staging Targets), an API token
+scoped to all of them, and a key prefix of its own in Redis (the console's cache).
+
+The console is served as deployed: gunicorn with ``opsconsole.settings_production`` (DEBUG
+off, secrets from the environment), behind what would be a TLS proxy (X-Forwarded-Proto:
+https). Each endpoint is loaded for ``--duration`` seconds by ``--connections`` concurrent
+clients with the token: ``wrk`` when installed (its own latency percentiles, from a Lua
+script), else a Python client whose figures are limited by the client itself. The flags are
+asked for each target in turn; the status of all targets at once, as a monitor polls it.
+
+Targets: status >= 800 req/s with p99 <= 40 ms; flags >= 2,000 req/s with p99 <= 20 ms.
+
+Workers: the requests are CPU-bound Python (a cache read from Redis and a JSON answer), so
+more processes than cores only add switching; one per core plus one covers the short waits on
+Redis and PostgreSQL while keeping both cores busy (wrk shares them). gthread workers keep the
+clients' connections alive (sync workers close each one), and 4 threads each let a process
+overlap those waits without more processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+import harness  # noqa: E402 (needs the path above)
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+REDIS_DB = 13
+TARGETS = {  # endpoint: (requests per second at least, p99 at most in ms)
+    "status": (800.0, 40.0),
+    "flags": (2000.0, 20.0),
+}
+WRK_SCRIPT = """
+local paths = {%(paths)s}
+local i = 0
+request = function()
+  i = i %% #paths + 1
+  return wrk.format("GET", paths[i])
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    "RESULT {\\"requests\\": %%d, \\"seconds\\": %%f, \\"p50\\": %%f, \\"p99\\": %%f, "
+    .. "\\"max\\": %%f, \\"non_2xx\\": %%d, \\"socket_errors\\": %%d}\\n",
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3,
+    latency:percentile(99) / 1e3, latency.max / 1e3, errors.status,
+    errors.connect + errors.read + errors.write + errors.timeout))
+end
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=20, help="seconds per endpoint (20)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent clients (32)")
+    parser.add_argument("--targets", type=int, default=50, help="targets registered (50)")
+    parser.add_argument("--workers", type=int, default=(os.cpu_count() or 2) + 1)
+    parser.add_argument("--threads", type=int, default=4, help="per gunicorn worker (4)")
+    parser.add_argument(
+        "--status-max-age", type=float, default=5, help="STATUS_MAX_AGE, seconds (5)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 when a target is missed"
+    )
+    args = parser.parse_args(argv)
+    if min(args.duration, args.connections, args.targets, args.workers, args.threads) < 1:
+        parser.error("every count must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suffix = os.getpid()
+    redis_url = f"{harness.REDIS_SERVER}/{REDIS_DB}"
+    key_prefix = f"opsconsole-bench-{suffix}"
+    workdir = Path(tempfile.mkdtemp(prefix="opsconsole-bench-api-"))
+
+    def bench(console_url: str, target_url: str) -> bool:
+        env = harness.configure_console(
+            console_url,
+            redis_url=redis_url,
+            DJANGO_SETTINGS_MODULE="opsconsole.settings_production",
+            SECRET_KEY=secrets.token_urlsafe(64),
+            TARGET_SECRET_KEY=fernet_key(),
+            ALLOWED_HOSTS="127.0.0.1",
+            CACHE_KEY_PREFIX=key_prefix,
+            STATUS_MAX_AGE=str(args.status_max_age),
+        )
+        return run(args, env, target_url, workdir)
+
+    try:
+        return harness.run_with_databases(
+            [f"opsconsole_bench_api_{suffix}", f"opsconsole_bench_api_targets_{suffix}"],
+            bench,
+            check=args.check,
+        )
+    finally:
+        delete_cache_keys(redis_url, key_prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+def delete_cache_keys(redis_url: str, prefix: str) -> None:
+    try:
+        with harness.redis_client(redis_url) as client:
+            for key in client.scan_iter(match=f"{prefix}:*"):
+                client.delete(key)
+    except Exception as error:  # the Redis client raises many kinds
+        print(f"could not remove the cache keys {prefix}:*: {error}", file=sys.stderr)
+
+
+def set_up(target_url: str, count: int) -> tuple[list[str], str]:
+    """Migrate the console, build ``count`` target schemas and register them; returns the
+    targets' names and an API token reading all of them."""
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from migrations_ops import services
+    from migrations_ops.actors import Actor
+
+    call_command("migrate", verbosity=0, interactive=False)
+    operator = Actor.shell_operator()
+    names, targets = [], []
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        for index in range(count):
+            schema = f"app{index:02d}"
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            for statement in harness.RUNBOOK_BOOKS:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO migrations (filename, applied_at) VALUES "
+                "('001_create_users.sql', now() - interval '2 days'), "
+                "('002_add_email.sql', now() - interval '1 day')"
+            )
+            name = f"orders-{index:02d}"
+            targets.append(
+                services.register_target(
+                    actor=operator,
+                    name=name,
+                    url=target_url,
+                    convention="runbook",
+                    environment="staging",
+                    schema=schema,
+                    lock_timeout_seconds=60,
+                )
+            )
+            names.append(name)
+    _, token = services.create_api_token(actor=operator, name="bench", targets=targets)
+    harness.clean_up([], None, None)  # close this process's connections before serving
+    return names, token
+
+
+def run(args, env: dict[str, str], target_url: str, workdir: Path) -> bool:
+    names, token = set_up(target_url, args.targets)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = workdir / "gunicorn.log"
+    with gunicorn(env, port, args.workers, args.threads, log_path):
+        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-Proto": "https"}
+        # Read every target once (as the console's own pages would have), then load.
+        answer = get_json(f"{base}/api/migrations/status?live=1", headers)
+        if len(answer["targets"]) != args.targets:
+            raise RuntimeError(f"the status answer holds {len(answer['targets'])} targets")
+        for name in names:
+            get_json(f"{base}/api/targets/{name}/flags", headers)
+        load_before = os.getloadavg()[0]
+        results = {
+            "status": load(args, base, ["/api/migrations/status"], headers, workdir),
+            "flags": load(args, base, [f"/api/targets/{n}/flags" for n in names], headers, workdir),
+        }
+        load_after = os.getloadavg()[0]
+    return report(args, results, load_before, load_after)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class gunicorn:
+    """gunicorn serving the console on 127.0.0.1:``port``; stopped on exit."""
+
+    def __init__(self, env, port, workers, threads, log_path):
+        self.command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "opsconsole.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(threads),
+            "--keep-alive",
+            "30",
+            "--backlog",
+            "1024",
+        ]
+        self.env, self.port, self.log_path = env, port, log_path
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=harness.ROOT,
+            env={**os.environ, **self.env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"gunicorn did not start:\n{self.log_path.read_text()}"
+                    ) from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        harness.stop_process(self.process)
+        self.log.close()
+
+
+def get_json(url: str, headers: dict[str, str]) -> dict:
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 (http only)
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def load(args, base: str, paths: list[str], headers: dict[str, str], workdir: Path) -> dict:
+    if shutil.which("wrk"):
+        return load_with_wrk(args, base, paths, headers, workdir)
+    return load_with_python(args, base, paths, headers)
+
+
+def load_with_wrk(args, base, paths, headers, workdir) -> dict:
+    script = workdir / "paths.lua"
+    script.write_text(WRK_SCRIPT % {"paths": ", ".join(json.dumps(p) for p in paths)})
+    command = [
+        "wrk",
+        "--threads",
+        str(min(2, args.connections)),  # wrk needs a connection per thread at least
+        "--connections",
+        str(args.connections),
+        "--duration",
+        f"{args.duration}s",
+        "--timeout",
+        "5s",
+        "--script",
+        str(script),
+    ]
+    for name, value in headers.items():
+        command += ["--header", f"{name}: {value}"]
+    output = subprocess.run([*command, base], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{output}")
+    result = json.loads(match.group(1))
+    result |= {"rps": result["requests"] / result["seconds"], "client": "wrk"}
+    return result
+
+
+def load_with_python(args, base, paths, headers) -> dict:
+    """Threads of http.client on kept connections: the GIL makes this client the bottleneck
+    long before the server, so its figures are a lower bound."""
+    import http.client
+
+    latencies: list[float] = []
+    errors = [0, 0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + args.duration
+    host, port = base.removeprefix("http://").split(":")
+
+    def client(offset: int) -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        mine, index = [], offset
+        while time.monotonic() < stop_at:
+            path = paths[index % len(paths)]
+            index += 1
+            started = time.perf_counter()
+            try:
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+            except OSError:
+                with lock:
+                    errors[1] += 1
+                connection = http.client.HTTPConnection(host, int(port), timeout=5)
+                continue
+            mine.append(time.perf_counter() - started)
+            if response.status >= 300:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.monotonic() - started
+    return {
+        "requests": len(latencies),
+        "seconds": seconds,
+        "rps": len(latencies) / seconds,
+        "p50": harness.percentile(latencies, 0.50) * 1000,
+        "p99": harness.percentile(latencies, 0.99) * 1000,
+        "max": max(latencies) * 1000,
+        "non_2xx": errors[0],
+        "socket_errors": errors[1],
+        "client": "python (client-limited: the figures are a lower bound)",
+    }
+
+
+def report(args, results: dict[str, dict], load_before: float, load_after: float) -> bool:
+    print(
+        f"{args.targets} targets, {args.connections} concurrent clients, {args.duration} s per "
+        f"endpoint; gunicorn gthread, {args.workers} workers x {args.threads} threads, "
+        f"opsconsole.settings_production (DEBUG off), cache in Redis, "
+        f"STATUS_MAX_AGE={args.status_max_age:g} s"
+    )
+    print(f"load generator: {results['status']['client']}")
+    print(f"{'endpoint':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors  target")
+    met = True
+    for endpoint, path in (
+        ("status", "GET /api/migrations/status"),
+        ("flags", "GET /api/targets/<name>/flags"),
+    ):
+        result = results[endpoint]
+        rps_min, p99_max = TARGETS[endpoint]
+        errors = result["non_2xx"] + result["socket_errors"]
+        ok = result["rps"] >= rps_min and result["p99"] <= p99_max and errors == 0
+        met &= ok
+        print(
+            f"{path:<34}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}"
+            f"{result['max']:>9.1f}  {errors:>6}  >= {rps_min:.0f} req/s, p99 <= {p99_max:g} ms: "
+            f"{'met' if ok else 'MISSED'}"
+        )
+    print(harness.machine_line(load_before, load_after, "runs"))
+    return met
+
+
+if __name__ == "__main__":
+    sys.exit(main())

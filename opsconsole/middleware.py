@@ -1,0 +1,92 @@
+"""Where a request came from, for the audit trail: a request id and the client's address.
+
+``RequestContextMiddleware`` keeps both in a context variable for the length of the request;
+``migrations_ops.services.record_audit_event`` reads it, so every event written while serving
+the request carries them, whichever service writes it. The CLI and tasks bind their own
+(``bound``): none for the CLI, the task's id for a task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from opsconsole import security
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A request id from a proxy or a client is kept only if it looks like one: nothing that could
+# forge a line in a log or overflow the column.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    request_id: str = ""
+    ip: str | None = None
+
+
+NO_REQUEST = RequestContext()
+_current: ContextVar[RequestContext | None] = ContextVar("opsconsole_request", default=None)
+
+
+def current() -> RequestContext:
+    return _current.get() or NO_REQUEST
+
+
+@contextlib.contextmanager
+def bound(*, request_id: str = "", ip: str | None = None):
+    token = _current.set(RequestContext(request_id=request_id, ip=normalised_ip(ip)))
+    try:
+        yield current()
+    finally:
+        _current.reset(token)
+
+
+def bind_task(task_id: str) -> None:
+    """A worker's task: its events carry the task's id (a worker runs one task at a time)."""
+    _current.set(RequestContext(request_id=(task_id or "")[:64]))
+
+
+def unbind_task() -> None:
+    _current.set(None)
+
+
+def normalised_ip(value: str | None) -> str | None:
+    """The address as the database gives it back (``2001:DB8::1`` is ``2001:db8::1``), or
+    None when it is not one."""
+    try:
+        return str(ipaddress.ip_address((value or "").strip()))
+    except ValueError:
+        return None
+
+
+def request_id_of(request) -> str:
+    offered = request.headers.get(REQUEST_ID_HEADER, "")
+    if SANE_REQUEST_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+def client_ip(request) -> str | None:
+    """As django-axes sees it (``opsconsole.security.client_ip``: REMOTE_ADDR, or behind
+    TRUSTED_PROXY_COUNT proxies the address the outermost one saw), when it is an address."""
+    return normalised_ip(security.client_ip(request)) or normalised_ip(
+        request.META.get("REMOTE_ADDR")
+    )
+
+
+class RequestContextMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request_id = request_id_of(request)
+        request.request_id = request_id
+        with bound(request_id=request_id, ip=client_ip(request)):
+            response = self.get_response(request)
+        response[REQUEST_ID_HEADER] = request_id
+        return response

@@ -1,0 +1,84 @@
+"""Production settings: they refuse to start on a weak secret or without the key that encrypts
+target connection URLs, and pass Django's deployment checks with no warning."""
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parents[2]
+STRONG_SECRET = secrets.token_urlsafe(64)
+
+
+def run_production(
+    *args: str, secret_key: str | None = STRONG_SECRET, **environment: str
+) -> subprocess.CompletedProcess:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"SECRET_KEY", "DEBUG", "TARGET_SECRET_KEY", "OTP_REQUIRED_GROUPS"}
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="opsconsole.settings_production",
+        ALLOWED_HOSTS="ops.example.com",
+        TARGET_SECRET_KEY=Fernet.generate_key().decode(),
+    )
+    env.update(environment)
+    if secret_key is not None:
+        env["SECRET_KEY"] = secret_key
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "secret_key",
+    [
+        None,
+        "",
+        "django-insecure-opsconsole-development-only",
+        "short",
+        secrets.token_urlsafe(30),  # random, but 40 characters
+        "a" * 60,
+        "ab" * 30,  # long, but four different characters at most
+    ],
+)
+def test_production_settings_refuse_a_weak_secret_key(secret_key):
+    result = run_production("check", secret_key=secret_key)
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set to a random value of at least 50 characters" in result.stderr
+
+
+def test_production_settings_pass_the_deployment_checks():
+    result = run_production("check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_with_two_factors_required_the_deployment_checks_still_pass():
+    result = run_production(
+        "check", "--deploy", "--fail-level", "WARNING", ADMIN_OTP_REQUIRED="true"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_production_settings_require_the_target_secret_key():
+    result = run_production("check", TARGET_SECRET_KEY="")
+    assert result.returncode != 0
+    assert "TARGET_SECRET_KEY must be set in production" in result.stderr
+
+
+def test_production_settings_name_a_malformed_target_secret_key():
+    keys = f"{Fernet.generate_key().decode()},not-a-fernet-key"
+    result = run_production("check", TARGET_SECRET_KEY=keys)
+    assert result.returncode != 0
+    assert "TARGET_SECRET_KEY: key 2 is not a Fernet key" in result.stderr
