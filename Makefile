@@ -43,6 +43,7 @@ bench: install  ## benchmarks under bench/ (need PostgreSQL and Redis)
 	$(BIN)/python bench/force_unlock.py
 	$(BIN)/python bench/rollback_overhead.py
 	$(BIN)/python bench/admin_scale.py
+	$(BIN)/python bench/status_api.py
 
 clean:
 	rm -rf $(VENV) data staticfiles

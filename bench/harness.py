@@ -5,6 +5,7 @@ close its connections, so it can be used before ``django.setup()``."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import math
 import os
@@ -113,6 +114,10 @@ def configure_console(
         # As deployed: no DEBUG query log growing in any process.
         "DEBUG": "false",
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+        # Target URLs are encrypted at rest; as deployed, the key comes from the environment
+        # (a throw-away one for the bench's own databases).
+        "TARGET_SECRET_KEY": os.environ.get("TARGET_SECRET_KEY")
+        or base64.urlsafe_b64encode(os.urandom(32)).decode(),
     }
     if queue is not None:
         env |= {"CELERY_QUEUE": queue, "CELERY_TASK_ALWAYS_EAGER": "false"}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+from axes.admin import AccessAttemptAdmin
+from axes.models import AccessAttempt
+from django_celery_beat.admin import PeriodicTaskAdmin
+from django_celery_beat.models import PeriodicTask
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
@@ -522,3 +526,44 @@ class FlagChangeAdmin(ReadOnlyAdmin):
     @admin.display(description="After")
     def after_display(self, obj):
         return pretty_json(obj.after)
+
+
+
+class LoginAttemptAdmin(AccessAttemptAdmin):
+    """django-axes' lock-outs, whose "Clean up expired attempts" deletes login records: only
+    for those who may delete them (django-axes asks no permission for it)."""
+
+    @admin.action(description="Clean up expired attempts", permissions=["delete"])
+    def cleanup_expired_attempts(self, request, queryset):
+        # django-axes stamps the attempt time on login requests only; "now" for this one.
+        request.axes_attempt_time = getattr(request, "axes_attempt_time", None)
+        return super().cleanup_expired_attempts(request, queryset)
+
+
+admin.site.unregister(AccessAttempt)
+admin.site.register(AccessAttempt, LoginAttemptAdmin)
+
+
+class ScheduleAdmin(PeriodicTaskAdmin):
+    """django-celery-beat's periodic tasks (the sweeper, the drills): its actions change or run
+    them, so they need the change permission (django-celery-beat asks none)."""
+
+    @admin.action(description="Enable selected tasks", permissions=["change"])
+    def enable_tasks(self, request, queryset):
+        return super().enable_tasks(request, queryset)
+
+    @admin.action(description="Disable selected tasks", permissions=["change"])
+    def disable_tasks(self, request, queryset):
+        return super().disable_tasks(request, queryset)
+
+    @admin.action(description="Toggle activity of selected tasks", permissions=["change"])
+    def toggle_tasks(self, request, queryset):
+        return super().toggle_tasks(request, queryset)
+
+    @admin.action(description="Run selected tasks", permissions=["change"])
+    def run_tasks(self, request, queryset):
+        return super().run_tasks(request, queryset)
+
+
+admin.site.unregister(PeriodicTask)
+admin.site.register(PeriodicTask, ScheduleAdmin)

@@ -109,8 +109,9 @@ def staff_api(permission: str):
 
 def api_reader(permission: str):
     """Read-only endpoints: an application's ``Authorization: Bearer TOKEN`` (sets
-    ``request.api_token``; the view keeps to the token's targets with ``may_read``) or a staff
-    session holding ``permission`` (``request.api_token`` is None)."""
+    ``request.api_token``, a ``services.TokenIdentity``; the view keeps to the token's targets
+    with ``may_read``) or a staff session holding ``permission`` (``request.api_token`` is
+    None)."""
 
     def decorator(view):
         @wraps(view)
@@ -175,13 +176,15 @@ def migrations_status(request):
     except services.ServiceError as error:
         return service_error(error)
     live = request.GET.get("live", "").lower() in ("1", "true", "yes")
-    return JsonResponse(
-        {
-            "checked_at": timezone.now().isoformat(),
-            "max_age_seconds": 0 if live else settings.STATUS_MAX_AGE,
-            "targets": services.target_status_reports(target_ids, live=live),
-        }
+    head = {
+        "checked_at": timezone.now().isoformat(),
+        "max_age_seconds": 0 if live else settings.STATUS_MAX_AGE,
+    }
+    # The targets' JSON comes ready-made (see services.target_status_json).
+    body = (
+        json.dumps(head)[:-1] + ',"targets":' + services.target_status_json(target_ids, live=live)
     )
+    return HttpResponse(body + "}", content_type="application/json")
 
 
 @allow("GET")

@@ -7,9 +7,10 @@ of the row after it. ``ops audit-verify`` walks the chain (``walk``).
 
 Appending must never fork the chain, so appends are serialised and the chain follows commit
 order: on PostgreSQL a transaction-scoped advisory lock, held until the caller's transaction
-commits, then a read of the last hash; on SQLite the database's single write lock, taken before
-the read. Whoever holds the chain lock must lock nothing after it (it is the last lock of a
-transaction), or two transactions could wait for each other: write the audit event last.
+commits, then a read of the last hash (one round trip: ``chain_head``); on SQLite the
+database's single write lock, taken before the read. Whoever holds the chain lock must lock
+nothing after it (it is the last lock of a transaction), or two transactions could wait for
+each other: write the audit event last.
 
 What the chain cannot tell by itself: rows removed from its end. ``ops audit-verify`` prints the
 last hash; an auditor who notes it can check later that the chain still passes through it.
@@ -28,6 +29,8 @@ from django.db import connections, router, transaction
 GENESIS = ""
 # pg_advisory_xact_lock's key for appending to the chain (any constant no other code uses).
 CHAIN_LOCK_KEY = 7_305_011_590_221_457
+# On PostgreSQL, the lock and the read of the last hash in one round trip (migration 0011).
+CHAIN_HEAD_FUNCTION = "opsconsole_audit_chain_head"
 
 # The content a hash covers, by attribute name. Changing this list changes every hash: the
 # chain of rows already written would no longer verify.
@@ -84,19 +87,19 @@ def seal(event, previous_hash: str) -> str:
     return event.hash
 
 
-def lock_chain(using: str) -> None:
-    """Serialise appends until the current transaction ends (one must be open)."""
+def chain_head(model, using: str) -> str:
+    """Take the chain's lock until the current transaction ends (one must be open), then
+    read the last hash. PostgreSQL: one call of the function migration 0011 made. SQLite: a
+    write that changes nothing takes the database's write lock first, so no other writer can
+    append after the hash read here before this transaction commits."""
     connection = connections[using]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {CHAIN_HEAD_FUNCTION}()")
+            return cursor.fetchone()[0]
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CHAIN_LOCK_KEY])
-        elif connection.vendor == "sqlite":
-            # A write that changes nothing takes the database's write lock now, so the last
-            # hash read next cannot be appended to by another writer before this one commits.
-            cursor.execute("UPDATE migrations_ops_auditevent SET id = id WHERE 0")
-
-
-def last_hash(model, using: str) -> str:
+        table = connection.ops.quote_name(model._meta.db_table)
+        cursor.execute(f"UPDATE {table} SET id = id WHERE 0")  # noqa: S608 (the model's table)
     found = model._base_manager.using(using).order_by("-id").values_list("hash", flat=True)
     return found.first() or GENESIS
 
@@ -105,8 +108,7 @@ def append(event):
     """Seal and insert one event, in the caller's transaction (or a new one)."""
     using = router.db_for_write(type(event))
     with transaction.atomic(using=using, savepoint=False):
-        lock_chain(using)
-        seal(event, last_hash(type(event), using))
+        seal(event, chain_head(type(event), using))
         event.save(using=using)
     return event
 
@@ -115,8 +117,7 @@ def append_many(model, events: list, *, batch_size: int = 2000) -> list:
     """Seal and insert many events in one transaction, chained in list order."""
     using = router.db_for_write(model)
     with transaction.atomic(using=using, savepoint=False):
-        lock_chain(using)
-        previous = last_hash(model, using)
+        previous = chain_head(model, using)
         for event in events:
             previous = seal(event, previous)
         # One statement per batch: ids are handed out in the order of the rows.

@@ -24,6 +24,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.db import connection as console_connection
 from django.db.models import Case, DateTimeField, F, Max, Q, Value, When
@@ -2155,24 +2156,31 @@ def _token_cache_key(token_hash: str) -> str:
     return f"api-token:{token_hash}"
 
 
-def authenticate_api_token_cached(raw: str) -> ApiToken:
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """Who an API request is, as remembered: what the doors need of the token, and the targets
+    version read along with it (see below; None without a shared cache)."""
+
+    pk: int
+    name: str
+    prefix: str
+    target_ids: frozenset[int]
+    targets_version: int | None = None
+
+
+def authenticate_api_token_cached(raw: str) -> TokenIdentity:
     """``authenticate_api_token``, remembered for API_TOKEN_CACHE_SECONDS (a revoke forgets it
-    at once), so an application polling its flags costs no query to know who it is. The token
-    returned is not saved: its id, name, prefix and ``target_ids`` only, and the targets'
-    version (``targets_version``, see below), read from the cache in the same round trip."""
+    at once), so an application polling its flags costs no query to know who it is; with a
+    shared cache the targets version comes in the same round trip."""
     key = _token_cache_key(hash_api_token(raw))
     shared = _cache_is_shared()
     found = cache.get_many([key, TARGETS_VERSION_KEY] if shared else [key])
     known = found.get(key)
     if known is None:
         token = authenticate_api_token(raw)  # raises InvalidToken; notes last_used_at
-        known = {"id": token.pk, "name": token.name, "prefix": token.prefix}
-        known["target_ids"] = token.target_ids
+        known = (token.pk, token.name, token.prefix, token.target_ids)
         cache.set(key, known, settings.API_TOKEN_CACHE_SECONDS)
-    token = ApiToken(id=known["id"], name=known["name"], prefix=known["prefix"])
-    token.target_ids = known["target_ids"]
-    token.targets_version = found.get(TARGETS_VERSION_KEY) if shared else None
-    return token
+    return TokenIdentity(*known, targets_version=found.get(TARGETS_VERSION_KEY))
 
 
 # --- what the API serves from cache ------------------------------------------------------------
@@ -2325,32 +2333,56 @@ def target_status_reports(target_ids, *, live: bool = False) -> list[dict]:
     """The status report (selectors.status_report) of each target in ``target_ids``, from a
     reading at most STATUS_MAX_AGE seconds old, else read live now (all live with ``live``);
     each with ``read_at`` and ``reading_age_seconds``. In the order of ``target_ids``."""
+    now, entries = _status_entries(target_ids, live=live)
+    return [
+        entry["report"]
+        | {
+            "read_at": entry["read_at_text"],
+            "reading_age_seconds": round(max(now - entry["read_at"], 0.0), 1),
+        }
+        for entry in entries
+    ]
+
+
+def target_status_json(target_ids, *, live: bool = False) -> str:
+    """``target_status_reports`` as a JSON array, put together from each reading's JSON as it
+    was encoded when read (encoding 50 reports on every request would cost more than all else
+    the request does)."""
+    now, entries = _status_entries(target_ids, live=live)
+    return (
+        "["
+        + ",".join(
+            f'{entry["json"][:-1]},"read_at":"{entry["read_at_text"]}",'
+            f'"reading_age_seconds":{round(max(now - entry["read_at"], 0.0), 1)}}}'
+            for entry in entries
+        )
+        + "]"
+    )
+
+
+# How long this process serves a reading it found old while another request reads it again,
+# before asking the shared cache whether the new one is there (not on every request).
+STATUS_RECHECK_SECONDS = 0.25
+_status_recheck_after: dict[int, float] = {}
+
+
+def _status_entries(target_ids, *, live: bool) -> tuple[float, list[dict]]:
     target_ids = list(target_ids)
     max_age = settings.STATUS_MAX_AGE
     now = time.time()
     readings, missing = {}, []
     for pk in target_ids:
         entry = None if live else _status_memory.get(pk)
-        if entry is not None and now - entry["read_at"] <= max_age:
+        if entry is not None and (
+            now - entry["read_at"] <= max_age or now < _status_recheck_after.get(pk, 0)
+        ):
             readings[pk] = entry
         else:
             missing.append(pk)
     if missing:
         readings |= _shared_or_live_readings(missing, live=live, now=now)
-    now = time.time()
-    reports = []
-    for pk in target_ids:
-        entry = readings.get(pk)
-        if entry is None:  # deleted while being read
-            continue
-        reports.append(
-            entry["report"]
-            | {
-                "read_at": entry["read_at_text"],
-                "reading_age_seconds": round(max(now - entry["read_at"], 0.0), 1),
-            }
-        )
-    return reports
+    # A target deleted while being read has no reading: it is left out.
+    return time.time(), [readings[pk] for pk in target_ids if pk in readings]
 
 
 def _shared_or_live_readings(target_ids: list[int], *, live: bool, now: float) -> dict:
@@ -2366,9 +2398,17 @@ def _shared_or_live_readings(target_ids: list[int], *, live: bool, now: float) -
         else:
             stale[pk] = entry
     # Stale readings are read again by one request at a time (the others serve them meanwhile,
-    # with their age); a target never read, or ?live=1, is read by whoever asks.
+    # with their age): in a thread of its own when STATUS_READ_AGAIN_IN_BACKGROUND (this
+    # request too answers with them, and no request waits for 50 targets), else before it
+    # answers. A target never read, or ?live=1, is read by whoever asks, before answering.
     if stale and not cache.add(STATUS_READING_KEY, 1, _reading_lock_seconds()):
-        readings |= stale
+        _serve_meanwhile(stale, readings, now)
+        stale = {}
+    if stale and settings.STATUS_READ_AGAIN_IN_BACKGROUND:
+        # Those half-way to stale too: the targets then age together, read in one batch.
+        again = [*stale, *(pk for pk, e in readings.items() if now - e["read_at"] > max_age / 2)]
+        _serve_meanwhile(stale, readings, now)
+        threading.Thread(target=_read_again_in_background, args=(again,), daemon=True).start()
         stale = {}
     try:
         if stale or unread:
@@ -2380,6 +2420,24 @@ def _shared_or_live_readings(target_ids: list[int], *, live: bool, now: float) -
     return readings
 
 
+def _serve_meanwhile(stale: dict, readings: dict, now: float) -> None:
+    readings |= stale
+    for pk in stale:
+        _status_recheck_after[pk] = now + STATUS_RECHECK_SECONDS
+
+
+def _read_again_in_background(target_ids: list[int]) -> None:
+    from django.db import connections
+
+    try:
+        _status_memory.update(_read_statuses(target_ids))
+    except Exception:
+        logger.exception("could not read the status of targets %s again", target_ids)
+    finally:
+        cache.delete(STATUS_READING_KEY)
+        connections.close_all()  # this thread's own connections to the console's database
+
+
 def _reading_lock_seconds() -> int:
     return settings.TARGET_CONNECT_TIMEOUT + settings.TARGET_STATEMENT_TIMEOUT + 5
 
@@ -2389,10 +2447,12 @@ def _read_statuses(target_ids: list[int]) -> dict[int, dict]:
     for target in selectors.targets_with_observations().filter(pk__in=target_ids):
         status = read_target_status(target)
         read_at = time.time()
+        report = selectors.status_report(status.target, status.applied, status.error)
         entries[target.pk] = {
             "read_at": read_at,
             "read_at_text": dt.datetime.fromtimestamp(read_at, dt.UTC).isoformat(),
-            "report": selectors.status_report(status.target, status.applied, status.error),
+            "report": report,
+            "json": json.dumps(report, cls=DjangoJSONEncoder),  # as JsonResponse encodes
         }
     keep = max(settings.STATUS_MAX_AGE * 12, 60)
     cache.set_many({_status_key(pk): entry for pk, entry in entries.items()}, keep)

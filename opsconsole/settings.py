@@ -235,7 +235,7 @@ if not TARGET_SECRET_KEY and DEBUG:
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "opsconsole.cache.KeptClientRedisCache",  # Django's, made cheaper
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="opsconsole"),
         }
@@ -243,8 +243,12 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 # GET /api/migrations/status answers from a reading of each target at most this many seconds
-# old (each target's answer says how old); an older one is read again, and ?live=1 reads all.
+# old (each target's answer says how old); an older one is read again (one request at a time:
+# the others serve it meanwhile, with its age), and ?live=1 reads all now.
 STATUS_MAX_AGE = env.float("STATUS_MAX_AGE", default=5)
+# A reading found older is read again in a thread of its own, while requests answer with the
+# one they have (a few seconds older, and saying so); false: the request reads it first.
+STATUS_READ_AGAIN_IN_BACKGROUND = env.bool("STATUS_READ_AGAIN_IN_BACKGROUND", default=True)
 # Seconds an authenticated API token is remembered (a revoke forgets it at once).
 API_TOKEN_CACHE_SECONDS = env.int("API_TOKEN_CACHE_SECONDS", default=60)
 

@@ -8,6 +8,32 @@ from migrations_ops import audit_chain
 TRIGGER = "migrations_ops_auditevent_append_only"
 
 
+# The chain's head in one round trip: take the chain's lock, then read the last hash. A
+# VOLATILE function reads with a fresh snapshot after the lock is granted, so it sees the
+# event the previous holder committed (a single SELECT would read as of before the wait).
+CHAIN_HEAD_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION {audit_chain.CHAIN_HEAD_FUNCTION}() RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock({audit_chain.CHAIN_LOCK_KEY});
+    RETURN COALESCE(
+        (SELECT hash FROM migrations_ops_auditevent ORDER BY id DESC LIMIT 1), ''
+    );
+END;
+$$;
+"""  # noqa: S608 (constants only)
+
+
+def create_chain_head_function(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(CHAIN_HEAD_FUNCTION, params=None)
+
+
+def drop_chain_head_function(apps, schema_editor):
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(f"DROP FUNCTION IF EXISTS {audit_chain.CHAIN_HEAD_FUNCTION}()")
+
+
 def chain_existing_events(apps, schema_editor):
     """Seal the events written before the chain, in id order. The append-only trigger is
     switched off for this one rewrite (the migration runs as the table's owner)."""
@@ -32,56 +58,59 @@ def chain_existing_events(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('migrations_ops', '0010_flags_and_api_tokens'),
+        ("migrations_ops", "0010_flags_and_api_tokens"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='auditevent',
-            name='after',
+            model_name="auditevent",
+            name="after",
             field=models.JSONField(blank=True, default=dict),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='before',
+            model_name="auditevent",
+            name="before",
             field=models.JSONField(blank=True, default=dict),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='hash',
+            model_name="auditevent",
+            name="hash",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='ip',
+            model_name="auditevent",
+            name="ip",
             field=models.GenericIPAddressField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='object_id',
+            model_name="auditevent",
+            name="object_id",
             field=models.BigIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='object_model',
+            model_name="auditevent",
+            name="object_model",
             field=models.CharField(blank=True, max_length=60),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='previous_hash',
+            model_name="auditevent",
+            name="previous_hash",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='request_id',
+            model_name="auditevent",
+            name="request_id",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AddIndex(
-            model_name='auditevent',
-            index=models.Index(fields=['object_model', 'object_id', 'created_at'], name='migrations__object__5eb1ee_idx'),
+            model_name="auditevent",
+            index=models.Index(
+                fields=["object_model", "object_id", "created_at"],
+                name="migrations__object__5eb1ee_idx",
+            ),
         ),
         migrations.RunPython(chain_existing_events, migrations.RunPython.noop),
+        migrations.RunPython(create_chain_head_function, drop_chain_head_function),
     ]

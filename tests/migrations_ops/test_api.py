@@ -1,6 +1,7 @@
 """GET /api/migrations/status, as a monitor or an application reads it."""
 
 import datetime as dt
+import time
 
 import pytest
 
@@ -246,7 +247,32 @@ def test_each_target_says_how_old_its_reading_is_and_live_reads_again(
 
 def test_a_reading_older_than_status_max_age_is_read_again(reader, two_targets, settings):
     settings.STATUS_MAX_AGE = 0
+    settings.STATUS_READ_AGAIN_IN_BACKGROUND = False
     first = reader.get(STATUS).json()["targets"]
     second = reader.get(STATUS).json()["targets"]
     for before, now in zip(first, second, strict=True):
         assert now["read_at"] > before["read_at"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_the_background_an_old_reading_is_served_with_its_age_then_replaced(
+    reader, two_targets, settings
+):
+    settings.STATUS_MAX_AGE = 0.5
+    first = {t["name"]: t for t in reader.get(STATUS).json()["targets"]}
+    time.sleep(0.7)
+
+    served = {t["name"]: t for t in reader.get(STATUS).json()["targets"]}
+    for name, target in served.items():
+        assert target["read_at"] == first[name]["read_at"]
+        assert target["reading_age_seconds"] >= 0.7  # said as it is
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        latest = {t["name"]: t for t in reader.get(STATUS).json()["targets"]}
+        if all(latest[name]["read_at"] > first[name]["read_at"] for name in first):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the targets were not read again")
+    assert latest["orders-staging"]["lock"]["state"] == "stale"

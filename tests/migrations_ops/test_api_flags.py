@@ -161,7 +161,7 @@ def test_the_shared_cache_serves_a_change_made_by_another_process_at_once(
     prefix = f"test-flags-{uuid.uuid4().hex}"
     settings.CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "opsconsole.cache.KeptClientRedisCache",
             "LOCATION": settings.REDIS_URL,
             "KEY_PREFIX": prefix,
         }

@@ -589,16 +589,17 @@ class Command(BaseCommand):
         if not actor.has_perm("migrations_ops.view_auditevent"):
             raise CommandError(f"{actor.name} is not allowed to view the audit trail")
         report, problems = selectors.verify_audit_chain()
+        events = f"{report.count} event{'s' if report.count != 1 else ''}"
         if problems:
             for problem in problems:
                 self.stderr.write(problem.message)
             shown = "" if report.problem_count == len(problems) else f", the first {len(problems)}"
             raise CommandError(
-                f"audit chain broken: {report.problem_count} problem(s) in {report.count} "
-                f"events{shown} named above"
+                f"audit chain broken: {report.problem_count} problem(s) in {events}{shown} "
+                "named above"
             )
         last = f", last #{report.last_id} {report.last_hash}" if report.count else ""
-        self.stdout.write(f"audit chain intact: {report.count} events{last}")
+        self.stdout.write(f"audit chain intact: {events}{last}")
 
     def handle_rotate_secrets(self, actor, options):
         count = services.rotate_target_secrets(actor=actor)
