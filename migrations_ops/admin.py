@@ -6,8 +6,6 @@ import json
 
 from axes.admin import AccessAttemptAdmin
 from axes.models import AccessAttempt
-from django_celery_beat.admin import PeriodicTaskAdmin
-from django_celery_beat.models import PeriodicTask
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
@@ -17,6 +15,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django_celery_beat.admin import PeriodicTaskAdmin
+from django_celery_beat.models import PeriodicTask
 
 # admin_tokens registers the API tokens' admin.
 from migrations_ops import admin_tokens, selectors, services  # noqa: F401
@@ -526,7 +526,6 @@ class FlagChangeAdmin(ReadOnlyAdmin):
     @admin.display(description="After")
     def after_display(self, obj):
         return pretty_json(obj.after)
-
 
 
 class LoginAttemptAdmin(AccessAttemptAdmin):

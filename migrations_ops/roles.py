@@ -46,6 +46,12 @@ LOGIN_RECORD_MODELS = [
 SETTINGS_APPS = ("django_celery_beat",)
 
 
+def _model_permission(permission, verbs: set[str]) -> bool:
+    """One of Django's own permissions on a model (``change_target``), not a custom one that
+    merely starts with the same word (``change_flags`` is an on-call kill switch)."""
+    return permission.codename in {f"{verb}_{permission.content_type.model}" for verb in verbs}
+
+
 def role_permissions(permissions) -> dict[str, set]:
     """``permissions``: Permission rows (with content_type). Returns role name → rows."""
     by_name = {f"{p.content_type.app_label}.{p.codename}": p for p in permissions}
@@ -61,13 +67,13 @@ def role_permissions(permissions) -> dict[str, set]:
             (p.content_type.app_label, p.content_type.model) in ADMIN_MODELS
             or p.content_type.app_label in SETTINGS_APPS
         )
-        and p.codename.split("_", 1)[0] in {"add", "change", "delete", "view"}
+        and _model_permission(p, {"add", "change", "delete", "view"})
     }
     login_records = {
         p
         for p in permissions
         if (p.content_type.app_label, p.content_type.model) in LOGIN_RECORD_MODELS
-        and p.codename.split("_", 1)[0] in {"delete", "view"}
+        and _model_permission(p, {"delete", "view"})
     }
     return {
         AUDITOR: history_views,

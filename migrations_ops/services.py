@@ -2185,12 +2185,13 @@ def authenticate_api_token_cached(raw: str) -> TokenIdentity:
 
 # --- what the API serves from cache ------------------------------------------------------------
 # Every target's save or delete (flag changes included: they save the target) sets a new
-# "targets version" in the shared cache once committed. What is derived from the targets' rows
-# (the flags documents, the list of targets) is kept under the version it was read at, in the
-# shared cache and in this process's memory, so a request costs one round trip to Redis (the
-# token and the version together) and a change is seen from the next request on. With a cache
-# of this process only (no REDIS_URL) another process's change would not reach it: there the
-# rows are read from the database instead (a flags document is keyed by the row's updated_at).
+# "targets version" in the shared cache, at once and again once committed. What is derived
+# from the targets' rows (the flags documents, the list of targets) is kept under the version
+# it was read at, in the shared cache and in this process's memory, so a request costs one
+# round trip to Redis (the token and the version together) and a change is seen from the next
+# request on. With a cache of this process only (no REDIS_URL) another process's change would
+# not reach it: there the rows are read from the database instead (a flags document is keyed
+# by the row's updated_at).
 TARGETS_VERSION_KEY = "targets-version"
 
 
@@ -2230,16 +2231,19 @@ class _ProcessMemory:
     changes (a dict per version: reads and writes of a dict are atomic for threads)."""
 
     def __init__(self) -> None:
-        self.version = None
-        self.values: dict = {}
+        # One tuple, replaced whole: a thread never sees a new version with the old values.
+        self.current: tuple = (None, {})
 
     def get(self, version, key):
-        return self.values.get(key) if version == self.version else None
+        current_version, values = self.current
+        return values.get(key) if version == current_version else None
 
     def set(self, version, key, value) -> None:
-        if version != self.version:
-            self.version, self.values = version, {}
-        self.values[key] = value
+        current_version, values = self.current
+        if version != current_version:
+            values = {}
+            self.current = (version, values)
+        values[key] = value
 
 
 _flags_memory = _ProcessMemory()
@@ -2430,7 +2434,10 @@ def _read_again_in_background(target_ids: list[int]) -> None:
     from django.db import connections
 
     try:
-        _status_memory.update(_read_statuses(target_ids))
+        # Spread over up to a quarter of STATUS_MAX_AGE: 50 connections opened at once would
+        # take the CPU from the requests being answered meanwhile.
+        pause = min(0.02, settings.STATUS_MAX_AGE / 4 / max(len(target_ids), 1))
+        _status_memory.update(_read_statuses(target_ids, pause=pause))
     except Exception:
         logger.exception("could not read the status of targets %s again", target_ids)
     finally:
@@ -2438,13 +2445,21 @@ def _read_again_in_background(target_ids: list[int]) -> None:
         connections.close_all()  # this thread's own connections to the console's database
 
 
+def observe_targets() -> int:
+    """Read every target's lock and books now (as the status endpoint would), so what the
+    console shows stays current even when nobody asks; returns how many were read."""
+    return len(_read_statuses(list(Target.objects.values_list("pk", flat=True))))
+
+
 def _reading_lock_seconds() -> int:
     return settings.TARGET_CONNECT_TIMEOUT + settings.TARGET_STATEMENT_TIMEOUT + 5
 
 
-def _read_statuses(target_ids: list[int]) -> dict[int, dict]:
+def _read_statuses(target_ids: list[int], *, pause: float = 0) -> dict[int, dict]:
     entries = {}
     for target in selectors.targets_with_observations().filter(pk__in=target_ids):
+        if pause and entries:
+            time.sleep(pause)
         status = read_target_status(target)
         read_at = time.time()
         report = selectors.status_report(status.target, status.applied, status.error)

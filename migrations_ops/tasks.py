@@ -15,3 +15,9 @@ def execute_operation_task(self, operation_id: int) -> str | None:
 def sweep_operations_task() -> dict:
     """Run by Celery beat every OPERATION_SWEEP_INTERVAL seconds (``make beat``)."""
     return services.sweep_operations().as_dict()
+
+
+@shared_task(name="migrations_ops.observe_targets")
+def observe_targets_task() -> int:
+    """Run by Celery beat every LOCK_OBSERVE_INTERVAL seconds (``make beat``)."""
+    return services.observe_targets()

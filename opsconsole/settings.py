@@ -191,6 +191,9 @@ OPERATION_LOST_AFTER = env.int(
 )
 OUTBOX_RESEND_AFTER = env.int("OUTBOX_RESEND_AFTER", default=60)
 OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
+# Every target's lock is read this often (services.observe_targets), so the dashboard, the
+# metrics and the health endpoint never go on showing a lock its holder has since released.
+LOCK_OBSERVE_INTERVAL = env.int("LOCK_OBSERVE_INTERVAL", default=30)
 # Celery beat keeps its schedule in the console's database (django-celery-beat: editable in
 # the admin); the entry below is written there whenever beat starts.
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -200,6 +203,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(OPERATION_SWEEP_INTERVAL),
         # A sweep not started within one interval is dropped: the next one does its work.
         "options": {"expires": OPERATION_SWEEP_INTERVAL},
+    },
+    "observe-targets": {
+        "task": "migrations_ops.observe_targets",
+        "schedule": float(LOCK_OBSERVE_INTERVAL),
+        "options": {"expires": LOCK_OBSERVE_INTERVAL},
     },
 }
 

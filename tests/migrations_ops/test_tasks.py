@@ -81,3 +81,24 @@ def test_a_duplicated_task_message_runs_the_release_once(real_worker, pg_target,
     assert AuditEvent.objects.filter(operation=operation, action="operation.succeeded").count() == 1
     worker_log = real_worker["log_path"].read_text()
     assert worker_log.count(f"operation {operation.pk} was not queued any more") == 2
+
+
+def test_beat_reads_every_target_so_a_lock_released_by_its_holder_shows_free(
+    pg_target, sqlite_target, settings
+):
+    from migrations_ops.models import LockObservation
+    from migrations_ops.tasks import observe_targets_task
+
+    pg_target.create_runbook_books(lock_age=dt.timedelta(seconds=5))
+    sqlite_target.create_runbook_books()
+    TargetFactory(name="orders", db=pg_target)
+    TargetFactory(name="billing", db=sqlite_target)
+    assert observe_targets_task() == 2
+    assert LockObservation.objects.get(target__name="orders").held is True
+    assert LockObservation.objects.get(target__name="billing").held is False
+
+    pg_target.execute("DELETE FROM migration_lock")  # the deploy finished and let go
+    observe_targets_task()
+
+    assert LockObservation.objects.get(target__name="orders").held is False
+    assert "observe-targets" in settings.CELERY_BEAT_SCHEDULE

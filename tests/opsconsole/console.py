@@ -15,6 +15,7 @@ from django.apps import apps
 from django.contrib import admin
 from django.contrib.auth.models import Group
 from django.core.management import call_command
+from django.test import TestCase
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from incidents import services as incident_services
@@ -48,6 +49,19 @@ class Console:
     closed_incident: object = None  # closed, with an addendum
     awaiting: object = None  # an operation awaiting approval
     raw_token: str = ""
+
+
+def running_operations():
+    """Run the operations requested inside the block when it ends, as the commit would."""
+    return TestCase.captureOnCommitCallbacks(execute=True)
+
+
+def logged_in(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 def member(role: str):
@@ -88,9 +102,13 @@ def build_console(pg_target, sqlite_target, tmp_path, *, shop_url: str | None = 
     for target in (shop, billing, sandbox):
         services.import_scripts(actor=on_call, target=target, directory=str(folder))
 
-    services.request_verify(actor=on_call, target=shop)
-    services.request_apply(actor=on_call, target=sandbox, reason="", dry_run=True)
-    services.request_verify(actor=on_call, target=billing)
+    for request in [
+        lambda: services.request_verify(actor=on_call, target=shop),
+        lambda: services.request_apply(actor=on_call, target=sandbox, reason="", dry_run=True),
+        lambda: services.request_verify(actor=on_call, target=billing),
+    ]:
+        with running_operations():
+            request()
     awaiting = services.request_apply(actor=on_call, target=billing, reason="ship orders")
     services.change_flags(
         actor=on_call, target=billing, changes={"MIGRATION_MAX_RETRIES": 2}, reason="flaky"
@@ -236,7 +254,7 @@ def admin_urls(console: Console) -> list[tuple[str, str]]:
             continue
         if name == "view_on_site":
             continue  # a redirect to the object's own site: the console's models have none
-        model, suffix = _model_of(name)
+        model = _model_of(name)[0]
         if not arguments:
             urls.append((name, reverse(f"admin:{name}")))
         elif arguments in (["object_id"], ["id"], ["pk"]) and model is not None:

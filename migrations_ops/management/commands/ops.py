@@ -24,6 +24,7 @@ from migrations_ops import flag_client, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.demo import load_demo
 from migrations_ops.engine import CONVENTIONS
+from migrations_ops.fields import SecretKeyError
 from migrations_ops.models import Environment, Operation, OperationStatus
 
 WAIT_POLL_SECONDS = 0.2
@@ -243,7 +244,8 @@ class Command(BaseCommand):
         handler = getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")
         try:
             return handler(actor, options)
-        except services.ServiceError as error:
+        except (services.ServiceError, SecretKeyError) as error:
+            # A key missing from TARGET_SECRET_KEY is one line too, not a traceback.
             raise CommandError(str(error)) from None
         except AwaitingApproval as waiting:
             self.stdout.write(str(waiting))
