@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib
 import io
 from dataclasses import dataclass, field
 
 from django.apps import apps
 from django.contrib import admin
 from django.contrib.auth.models import Group
-from django.core.management import call_command
-from django.test import TestCase
+from django.core.management import CommandError, call_command
+from django.test import Client, TestCase
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from incidents import services as incident_services
@@ -27,8 +28,8 @@ from migrations_ops.admin_operations import ACTIONS_BY_SLUG
 from migrations_ops.models import AlertThresholds, Door, Environment, Target
 from tests.factories import TargetFactory, UserFactory
 from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
+from tests.targets import new_sqlite_target
 
-PASSWORD = "correct horse battery staple"
 ROLE_USERNAMES = {
     roles.ON_CALL: "oncall",
     roles.INCIDENT_COMMANDER: "commander",
@@ -57,8 +58,6 @@ def running_operations():
 
 
 def logged_in(user):
-    from django.test import Client
-
     client = Client()
     client.force_login(user)
     return client
@@ -74,10 +73,26 @@ def actor(user) -> Actor:
     return Actor.for_user(user, Door.ADMIN)
 
 
+def restore_seeded_rows() -> None:
+    """The rows data migrations seed (recovery objectives, escalation contacts): a
+    transactional test run earlier flushed every table, and the walk needs them."""
+    from django.apps import apps
+
+    for module, function in [
+        ("incidents.migrations.0002_seed_recovery_objectives", "seed"),
+        (
+            "incidents.migrations.0008_seed_escalation_contacts_addenda_append_only_roles",
+            "seed_contacts",
+        ),
+    ]:
+        getattr(importlib.import_module(module), function)(apps, None)
+
+
 def build_console(pg_target, sqlite_target, tmp_path, *, shop_url: str | None = None) -> Console:
     """Targets with books and imported scripts, operations in several states, flag changes,
     incidents, an API token, a drill with a run, a TOTP device, login records and beat
     schedules: every admin list has rows. ``shop_url``: the URL stored for ``shop``."""
+    restore_seeded_rows()
     users = {role: member(role) for role in ROLE_USERNAMES}
     users["superuser"] = UserFactory(username="root", is_superuser=True)
     on_call, commander = actor(users[roles.ON_CALL]), actor(users[roles.INCIDENT_COMMANDER])
@@ -91,8 +106,6 @@ def build_console(pg_target, sqlite_target, tmp_path, *, shop_url: str | None = 
     sqlite_target.create_runbook_books()
     apply_directly(sqlite_target, USERS, EMAIL)
     billing = TargetFactory(db=sqlite_target, name="billing", requires_approval=True)
-    from tests.targets import new_sqlite_target
-
     sandbox_db = new_sqlite_target(tmp_path)
     sandbox_db.create_runbook_books()
     apply_directly(sandbox_db, USERS, EMAIL)
@@ -102,7 +115,10 @@ def build_console(pg_target, sqlite_target, tmp_path, *, shop_url: str | None = 
     for target in (shop, billing, sandbox):
         services.import_scripts(actor=on_call, target=target, directory=str(folder))
 
+    # A target whose database is gone: its verify fails.
+    gone = TargetFactory(name="legacy", connection_url=f"sqlite:///{tmp_path / 'gone' / 'x.db'}")
     for request in [
+        lambda: services.request_verify(actor=on_call, target=gone),
         lambda: services.request_verify(actor=on_call, target=shop),
         lambda: services.request_apply(actor=on_call, target=sandbox, reason="", dry_run=True),
         lambda: services.request_verify(actor=on_call, target=billing),
@@ -289,8 +305,6 @@ def model_rows(skip=()) -> dict[str, tuple[int, str]]:
 
 def ops(*args) -> tuple[str, str, int]:
     """Run ``manage.py ops ARGS``: (stdout, stderr, exit status)."""
-    from django.core.management import CommandError
-
     out, err = io.StringIO(), io.StringIO()
     try:
         call_command("ops", *args, stdout=out, stderr=err)

@@ -159,6 +159,14 @@ def plausible_posts(console, superuser_client, name: str, url: str) -> list[dict
     return [posted]
 
 
+def test_the_console_has_operations_in_several_states(console):
+    assert set(Operation.objects.values_list("status", flat=True)) >= {
+        OperationStatus.SUCCEEDED,
+        OperationStatus.FAILED,
+        OperationStatus.AWAITING_APPROVAL,
+    }
+
+
 def test_the_walk_knows_every_admin_url(console):
     names = {name for name, _ in admin_urls(console)}
     for custom in [
