@@ -327,6 +327,9 @@ class DrillProcedure:
         self.execute(rollback)
         self.reached("mitigate", f"rollback #{rollback.pk} of {culprit} succeeded")
 
+        # The sandbox's scripts as they were before the verify, so that the verify the fleet
+        # view shows counts nothing of the drill's own migration.
+        self._drop_drill_script()
         clean = self.verify_clean()
         changes = engine.diff(catalog_before, snapshot(self.target))
         if changes:
@@ -335,7 +338,6 @@ class DrillProcedure:
         if disabled:
             self._reenable(flags_before)
         self.reached("recover", f"{clean}, schema as before, flags as before")
-        self._drop_drill_script()  # the sandbox's scripts as they were, too
 
     def _refuse_pending(self) -> None:
         status = ops.read_target_status(self.target)

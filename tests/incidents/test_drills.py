@@ -198,6 +198,9 @@ def test_rollback_drill_leaves_the_schema_and_flags_as_they_were(request, sandbo
         Operation.objects.filter(target=target).order_by("pk").values_list("kind", flat=True)
     )
     assert kinds == [OperationKind.APPLY, OperationKind.ROLLBACK, OperationKind.VERIFY]
+    # The fleet view's counts come from that verify: nothing of the drill's migration left.
+    (row,) = [r for r in ops_selectors.fleet_overview() if r["name"] == target.name]
+    assert (row["scripts"], row["applied"], row["pending"]) == (2, 2, 0)
     incident = run.incident
     assert incident.status == IncidentStatus.CLOSED
     assert incident.culprit_migration == "99990000000001_drill_rollback_probe.sql"
