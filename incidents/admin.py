@@ -513,9 +513,17 @@ class DrillAdmin(admin.ModelAdmin):
             services.utc(run.started_at),
         )
 
-    @admin.display(description="Overdue", boolean=True)
+    @admin.display(description="Overdue")
     def overdue(self, obj):
-        return selectors.drill_state(obj).overdue if obj.pk else None
+        # In words, as on the dashboard: a red "no" icon would read as a problem.
+        if not obj.pk:
+            return "-"
+        state = selectors.drill_state(obj)
+        if not state.overdue:
+            return f"no, due {state.due_since:%Y-%m-%d}"
+        if state.due_since is None:
+            return "OVERDUE (never succeeded)"
+        return f"OVERDUE since {state.due_since:%Y-%m-%d}"
 
     @admin.action(description="Run drill now (on a worker)", permissions=["run_drill"])
     def run_now(self, request, queryset):

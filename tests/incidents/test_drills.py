@@ -337,6 +337,8 @@ def test_admin_schedules_and_runs_a_drill_and_the_dashboard_shows_it(
 
     index = admin_client.get(reverse("admin:index")).content.decode()
     assert 'id="drills"' in index and "overdue" in index and "never" in index
+    drills = admin_client.get(reverse("admin:incidents_drill_changelist")).content.decode()
+    assert "OVERDUE (never succeeded)" in drills
 
     # The run is written, then sent as a task on commit (run eagerly here).
     with django_capture_on_commit_callbacks(execute=True):
@@ -350,6 +352,8 @@ def test_admin_schedules_and_runs_a_drill_and_the_dashboard_shows_it(
     assert run.status == DrillRunStatus.SUCCEEDED, run.error
     index = admin_client.get(reverse("admin:index")).content.decode()
     assert "Succeeded</a>, objectives met" in index and "no, due" in index
+    drills = admin_client.get(reverse("admin:incidents_drill_changelist")).content.decode()
+    assert "no, due" in drills and "OVERDUE" not in drills
     page = admin_client.get(reverse("admin:incidents_drillrun_change", args=[run.pk]))
     assert (
         reverse("admin:incidents_incident_change", args=[run.incident_id]) in page.content.decode()
