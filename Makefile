@@ -37,6 +37,7 @@ check-deploy: install  ## Django's deployment checks under production settings
 	SECRET_KEY=$$($(BIN)/python -c "import secrets; print(secrets.token_urlsafe(64))") \
 	ALLOWED_HOSTS=console.example.com \
 	TARGET_SECRET_KEY=$$($(BIN)/python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())") \
+	AUDIT_CHAIN_KEY=$$($(BIN)/python -c "import secrets; print(secrets.token_urlsafe(48))") \
 	$(BIN)/python manage.py check --deploy --fail-level WARNING
 
 bench: install  ## benchmarks under bench/ (need PostgreSQL and Redis)

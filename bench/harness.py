@@ -114,10 +114,12 @@ def configure_console(
         # As deployed: no DEBUG query log growing in any process.
         "DEBUG": "false",
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-        # Target URLs are encrypted at rest; as deployed, the key comes from the environment
-        # (a throw-away one for the bench's own databases).
+        # Target URLs are encrypted at rest and the audit chain is keyed; as deployed, the keys
+        # come from the environment (throw-away ones for the bench's own databases).
         "TARGET_SECRET_KEY": os.environ.get("TARGET_SECRET_KEY")
         or base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "AUDIT_CHAIN_KEY": os.environ.get("AUDIT_CHAIN_KEY")
+        or base64.b64encode(os.urandom(36)).decode(),
     }
     if queue is not None:
         env |= {"CELERY_QUEUE": queue, "CELERY_TASK_ALWAYS_EAGER": "false"}

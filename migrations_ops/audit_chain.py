@@ -1,9 +1,11 @@
 """Tamper evidence for the audit trail: a hash chain over audit events in id order.
 
-Each event's ``hash`` is ``sha256(previous_hash + canonical JSON of its content)``, and its
-``previous_hash`` is the hash of the event before it (``""`` for the first). Changing a row
-breaks its own hash; rewriting its hash too, removing a row or slipping one in breaks the link
-of the row after it. ``ops audit-verify`` walks the chain (``walk``).
+Each event's ``hash`` is ``HMAC-SHA-256(AUDIT_CHAIN_KEY, previous_hash + canonical JSON of
+its content)``, and its ``previous_hash`` is the hash of the event before it (``""`` for the
+first). Changing a row breaks its own hash; rewriting its hash too, removing a row or slipping
+one in breaks the link of the row after it. The key lives in the console's environment, not in
+its database: whoever can write to the database cannot compute the hashes a rewritten chain
+would need. ``ops audit-verify`` walks the chain (``walk``).
 
 Appending must never fork the chain, so appends are serialised and the chain follows commit
 order: on PostgreSQL a transaction-scoped advisory lock, held until the caller's transaction
@@ -20,10 +22,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, router, transaction
 
 GENESIS = ""
@@ -77,7 +82,16 @@ def compute_hash(previous_hash: str, content: dict) -> str:
     text = json.dumps(
         _canonical(content), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return hashlib.sha256((previous_hash + text).encode()).hexdigest()
+    return hmac.new(_key(), (previous_hash + text).encode(), hashlib.sha256).hexdigest()
+
+
+def _key() -> bytes:
+    if not settings.AUDIT_CHAIN_KEY:
+        raise ImproperlyConfigured(
+            "AUDIT_CHAIN_KEY is not set: it keys the audit trail's hash chain "
+            '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+        )
+    return settings.AUDIT_CHAIN_KEY.encode()
 
 
 def seal(event, previous_hash: str) -> str:

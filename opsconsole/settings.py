@@ -236,6 +236,15 @@ if not TARGET_SECRET_KEY and DEBUG:
         ).decode()
     ]
 
+# The audit trail's hash chain is keyed (HMAC-SHA-256) with this secret, kept out of the
+# database, so that whoever can write to the console's database cannot rewrite the chain to
+# match an altered row (migrations_ops/audit_chain.py). Never change it once events exist:
+# `ops audit-verify` would then report every event. Without one, a development console (DEBUG)
+# derives it from SECRET_KEY; production settings require it.
+AUDIT_CHAIN_KEY = env.str("AUDIT_CHAIN_KEY", default="")
+if not AUDIT_CHAIN_KEY and DEBUG:
+    AUDIT_CHAIN_KEY = hashlib.sha256(f"opsconsole audit chain:{SECRET_KEY}".encode()).hexdigest()
+
 # --- the API's caches ---------------------------------------------------------------------------
 # Shared by every process through Redis when REDIS_URL is set; otherwise each process keeps its
 # own (then the flags endpoint checks the target's row on each request, so a change made by

@@ -38,6 +38,15 @@ for _position, _key in enumerate(TARGET_SECRET_KEY, start=1):
             "(32 url-safe base64-encoded bytes)"
         ) from None
 
+# The audit chain's key (settings.py): never derived here, and long enough not to be guessed.
+AUDIT_CHAIN_KEY = env.str("AUDIT_CHAIN_KEY", default="")
+if len(AUDIT_CHAIN_KEY) < 32:
+    raise ImproperlyConfigured(
+        "AUDIT_CHAIN_KEY must be set in production to a secret of at least 32 characters: it "
+        "keys the audit trail's hash chain (python -c \"import secrets; "
+        'print(secrets.token_urlsafe(48))"); never change it once events exist'
+    )
+
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)

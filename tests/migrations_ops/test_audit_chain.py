@@ -99,6 +99,32 @@ def test_a_row_altered_and_rehashed_breaks_the_next_link():
 
 
 @pytest.mark.django_db
+def test_a_chain_rewritten_without_the_key_is_named_at_the_altered_row(settings):
+    """Whoever can write to the database but does not hold AUDIT_CHAIN_KEY alters a row and
+    recomputes every hash from there on, each link consistent: the first one is named."""
+    first, second, third = (record(n=n) for n in range(3))
+    second.action = "nothing happened"
+    real_key, settings.AUDIT_CHAIN_KEY = settings.AUDIT_CHAIN_KEY, "a guess at the key"
+    previous = first.hash
+    for event in (second, third):
+        previous = audit_chain.seal(event, previous)
+    settings.AUDIT_CHAIN_KEY = real_key
+    for event in (second, third):
+        tamper(
+            "UPDATE migrations_ops_auditevent SET action = %s, previous_hash = %s, hash = %s "
+            "WHERE id = %s",
+            [event.action, event.previous_hash, event.hash, event.pk],
+        )
+
+    _, err = verify()
+
+    assert err.splitlines()[0] == (
+        f"audit event #{second.pk} was altered: its hash does not match its content"
+    )
+    assert f"audit event #{third.pk} was altered" in err
+
+
+@pytest.mark.django_db
 def test_a_removed_row_is_named_by_its_neighbours():
     first, second, third, _fourth = (record(n=n) for n in range(4))
     tamper("DELETE FROM migrations_ops_auditevent WHERE id = %s", [second.pk])

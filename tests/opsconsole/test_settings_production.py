@@ -20,12 +20,20 @@ def run_production(
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"SECRET_KEY", "DEBUG", "TARGET_SECRET_KEY", "OTP_REQUIRED_GROUPS"}
+        if k
+        not in {
+            "SECRET_KEY",
+            "DEBUG",
+            "TARGET_SECRET_KEY",
+            "AUDIT_CHAIN_KEY",
+            "OTP_REQUIRED_GROUPS",
+        }
     }
     env.update(
         DJANGO_SETTINGS_MODULE="opsconsole.settings_production",
         ALLOWED_HOSTS="ops.example.com",
         TARGET_SECRET_KEY=Fernet.generate_key().decode(),
+        AUDIT_CHAIN_KEY=secrets.token_urlsafe(48),
     )
     env.update(environment)
     if secret_key is not None:
@@ -82,3 +90,10 @@ def test_production_settings_name_a_malformed_target_secret_key():
     result = run_production("check", TARGET_SECRET_KEY=keys)
     assert result.returncode != 0
     assert "TARGET_SECRET_KEY: key 2 is not a Fernet key" in result.stderr
+
+
+@pytest.mark.parametrize("audit_key", ["", "too-short-to-be-a-secret"])
+def test_production_settings_require_a_long_audit_chain_key(audit_key):
+    result = run_production("check", AUDIT_CHAIN_KEY=audit_key)
+    assert result.returncode != 0
+    assert "AUDIT_CHAIN_KEY must be set in production" in result.stderr
