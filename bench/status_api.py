@@ -20,8 +20,11 @@ Targets: status >= 800 req/s with p99 <= 40 ms; flags >= 2,000 req/s with p99 <=
 Workers: the requests are CPU-bound Python (one round trip to Redis, then an answer from the
 process's memory), so more processes than cores only add switching; one per core plus one
 keeps both cores busy across the short waits on Redis (wrk shares the cores). gthread workers
-keep the clients' connections alive (sync workers close each one); 2 threads each let a
-process overlap those waits (more threads only contend for the GIL).
+keep the clients' connections alive (sync workers close each one), with one thread each: a
+second thread overlaps the waits on Redis but contends for the GIL, which measured worse at the
+tail (p99 36 ms instead of 23 ms for the flags). Each worker takes at most its share of the
+clients' connections (``--worker-connections``): left alone, one worker could take most of
+them at the start and the run measure one core (flags seen at 1,100 req/s instead of 2,400).
 """
 
 from __future__ import annotations
@@ -84,12 +87,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="concurrent clients (32)")
     parser.add_argument("--targets", type=int, default=50, help="targets registered (50)")
     parser.add_argument("--workers", type=int, default=(os.cpu_count() or 2) + 1)
-    parser.add_argument("--threads", type=int, default=2, help="per gunicorn worker (2)")
+    parser.add_argument("--threads", type=int, default=1, help="per gunicorn worker (1)")
     parser.add_argument(
         "--worker-class", default="gthread", choices=["gthread", "sync"], help="(gthread)"
     )
     parser.add_argument(
         "--status-max-age", type=float, default=5, help="STATUS_MAX_AGE, seconds (5)"
+    )
+    parser.add_argument(
+        "--keep-connections",
+        type=int,
+        default=8,
+        help="TARGET_KEEP_CONNECTIONS_MAX per worker (8, the default; the targets' count keeps "
+        "every status re-read on kept connections)",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 when a target is missed"
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             ALLOWED_HOSTS="127.0.0.1",
             CACHE_KEY_PREFIX=key_prefix,
             STATUS_MAX_AGE=str(args.status_max_age),
+            TARGET_KEEP_CONNECTIONS_MAX=str(args.keep_connections),
         )
         return run(args, env, target_url, workdir)
 
@@ -245,6 +256,10 @@ class gunicorn:
             "30",
             "--backlog",
             "1024",
+            # Each worker takes at most its share of the clients' kept-alive connections, so
+            # none is left with most of them while another idles.
+            "--worker-connections",
+            str(-(-args.connections // args.workers) + 1),
         ]
         if SHARED_MEMORY.is_dir():
             # The workers' heartbeat touches a file on every loop: keep it in memory, not on an
@@ -388,7 +403,8 @@ def report(args, results: dict[str, dict], load_before: float, load_after: float
         f"{args.targets} targets, {args.connections} concurrent clients, {args.duration} s per "
         f"endpoint; gunicorn {args.worker_class}, {args.workers} workers x {args.threads} threads, "
         f"opsconsole.settings_production (DEBUG off), cache in Redis, "
-        f"STATUS_MAX_AGE={args.status_max_age:g} s"
+        f"STATUS_MAX_AGE={args.status_max_age:g} s, "
+        f"TARGET_KEEP_CONNECTIONS_MAX={args.keep_connections}"
     )
     print(f"load generator: {results['status']['client']}")
     print(

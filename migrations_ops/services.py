@@ -362,7 +362,9 @@ def save_alert_thresholds(
 # --- reading a target (a write to the console: every read updates the lock observation) --------
 # Target connections kept open between uses in this process: a new PostgreSQL connection
 # costs a few milliseconds, several times the work done on it.
-_kept_target_connections = engine.connection.ConnectionCache()
+_kept_target_connections = engine.connection.ConnectionCache(
+    max_idle=settings.TARGET_KEEP_CONNECTIONS_MAX
+)
 
 
 def open_target(target: Target):

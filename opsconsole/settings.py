@@ -221,6 +221,9 @@ TARGET_STATEMENT_TIMEOUT = env.int("TARGET_STATEMENT_TIMEOUT", default=10)
 # and its session reset with DISCARD ALL, so nothing a migration SET is carried over).
 # False: connect every time.
 TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
+# How many kept target connections each process keeps idle at most: about the number of
+# PostgreSQL targets it reads often (the status API and beat read every target).
+TARGET_KEEP_CONNECTIONS_MAX = env.int("TARGET_KEEP_CONNECTIONS_MAX", default=8)
 # Seconds an application's health URL (Target.health_url) has to answer an incident's checks.
 HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=5)
 # Target connection URLs are stored encrypted (Fernet) with these keys: the first encrypts,
