@@ -21,7 +21,6 @@ import contextlib
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -202,9 +201,7 @@ class DrillProcedure:
 
     def execute(self, operation: Operation) -> Operation:
         """Run the drill's operation here; when a worker claimed it first, wait for it."""
-        ops.execute_operation(operation.pk, worker=f"drill@{socket.gethostname()}")
-        ops._wait_for(operation.pk, settings.OPERATION_SOFT_TIME_LIMIT + 60)
-        operation.refresh_from_db()
+        operation = ops.run_in_this_process(operation, worker="drill")
         what = f"operation #{operation.pk} ({operation.get_kind_display()})"
         self.log(f"{what}: {operation.get_status_display().lower()}")
         if operation.status != OperationStatus.SUCCEEDED:

@@ -158,7 +158,7 @@ class TargetFlagsMixin:
                 self.message_user(
                     request,
                     f"Auto-migration disabled on {len(changes)} target(s): {names} "
-                    f"(AUTO_MIGRATE=false, MIGRATION_DRY_RUN=true, MIGRATION_MAX_RETRIES=0).",
+                    f"({selectors.describe_flags(selectors.QUICK_DISABLE)}).",
                     messages.SUCCESS,
                 )
                 return redirect(changelist)

@@ -1949,7 +1949,7 @@ def auto_migrate(
             raise
         attempt += 1
         report.operations.append(operation.pk)
-        operation = _run_in_this_process(operation)
+        operation = run_in_this_process(operation, worker="automigrate")
         if operation.status == OperationStatus.SUCCEEDED:
             return _auto_succeeded(report, operation, tell)
         last_error = operation.error or operation.status
@@ -2007,11 +2007,12 @@ def _request_auto_attempt(
     return operation
 
 
-def _run_in_this_process(operation: Operation) -> Operation:
-    """Run it here; when a worker claimed it first (a broker is configured), wait for it."""
-    # Without a broker the request's commit has run it here already (tasks run in-process).
-    if Operation.objects.filter(pk=operation.pk, status=OperationStatus.QUEUED).exists():
-        execute_operation(operation.pk, worker=f"automigrate@{socket.gethostname()}")
+def run_in_this_process(operation: Operation, *, worker: str) -> Operation:
+    """Run a queued operation in this process (the auto-migrator, a drill: both wait for their
+    own operation); when a worker claimed it first (a broker is configured), wait for it.
+    Without a broker the request's commit has run it here already: the claim then finds it
+    taken and this only reads it back."""
+    execute_operation(operation.pk, worker=f"{worker}@{socket.gethostname()}")
     _wait_for(operation.pk, settings.OPERATION_SOFT_TIME_LIMIT + 60)
     operation.refresh_from_db()
     return operation

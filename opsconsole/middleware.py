@@ -73,10 +73,8 @@ def request_id_of(request) -> str:
 
 def client_ip(request) -> str | None:
     """As django-axes sees it (``opsconsole.security.client_ip``: REMOTE_ADDR, or behind
-    TRUSTED_PROXY_COUNT proxies the address the outermost one saw), when it is an address."""
-    return normalised_ip(security.client_ip(request)) or normalised_ip(
-        request.META.get("REMOTE_ADDR")
-    )
+    TRUSTED_PROXY_COUNT proxies the address the outermost one saw, when it is one)."""
+    return normalised_ip(security.client_ip(request))
 
 
 class RequestContextMiddleware:

@@ -25,6 +25,16 @@ class UserFactory(factory.django.DjangoModelFactory):
             )
 
 
+def member(role: str, username: str | None = None, **fields):
+    """A user in the console's group ``role`` (migrations_ops/roles.py; the ``roles`` fixture
+    makes sure the groups exist)."""
+    from django.contrib.auth.models import Group
+
+    user = UserFactory(**({"username": username} if username else {}), **fields)
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
 ON_CALL_PERMISSIONS = [
     "migrations_ops.view_target",
     "migrations_ops.force_unlock_target",

@@ -8,21 +8,13 @@ from migrations_ops import services
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent, Environment, FlagChange, FlagStage, Target
 from migrations_ops.roles import AUDITOR, ON_CALL
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import TargetFactory, member
 from tests.migrations_ops.test_admin import body, text
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
 CHANGELIST = "admin:migrations_ops_target_changelist"
 DISABLE = "admin:migrations_ops_target_emergency_disable"
-
-
-def member(role, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=role))
-    return user
 
 
 @pytest.fixture

@@ -10,19 +10,11 @@ from migrations_ops.actors import Actor
 from migrations_ops.admin_operations import TARGET_ACTIONS
 from migrations_ops.models import Environment, Operation, OperationStatus
 from migrations_ops.roles import AUDITOR, ON_CALL
-from tests.factories import IncidentFactory, TargetFactory, UserFactory
+from tests.factories import IncidentFactory, TargetFactory, member
 from tests.migrations_ops.test_admin import body, incident_options, text
 from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
-
-
-def member(name, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=name))
-    return user
 
 
 @pytest.fixture

@@ -8,19 +8,11 @@ from migrations_ops import services
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
 from migrations_ops.roles import CONSOLE_ADMIN, ON_CALL
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import TargetFactory, UserFactory, member
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
 FLAGS = "/api/targets/{}/flags"
-
-
-def member(role, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=role))
-    return user
 
 
 @pytest.fixture

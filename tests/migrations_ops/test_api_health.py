@@ -8,20 +8,12 @@ from migrations_ops import services
 from migrations_ops.actors import Actor
 from migrations_ops.models import AlertThresholds, Door
 from migrations_ops.roles import CONSOLE_ADMIN
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import TargetFactory, UserFactory, member
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
 HEALTH = "/api/migrations/health"
 UNREACHABLE_URL = "postgresql://u:pw@127.0.0.1:1/x"
-
-
-def member(role, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=role))
-    return user
 
 
 @pytest.fixture

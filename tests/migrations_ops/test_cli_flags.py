@@ -7,7 +7,7 @@ from django.core.management import CommandError, call_command
 
 from migrations_ops.models import Environment, FlagChange, FlagStage, Target
 from migrations_ops.roles import AUDITOR, ON_CALL
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import TargetFactory, member
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
@@ -16,14 +16,6 @@ def ops(*args) -> str:
     out = io.StringIO()
     call_command("ops", *args, stdout=out, stderr=io.StringIO())
     return out.getvalue()
-
-
-def member(role, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=role))
-    return user
 
 
 @pytest.fixture

@@ -17,17 +17,9 @@ from migrations_ops.models import (
     Target,
 )
 from migrations_ops.roles import AUDITOR, ON_CALL
-from tests.factories import TargetFactory, UserFactory
+from tests.factories import TargetFactory, member
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
-
-
-def member(role, username):
-    from django.contrib.auth.models import Group
-
-    user = UserFactory(username=username)
-    user.groups.add(Group.objects.get(name=role))
-    return user
 
 
 @pytest.fixture

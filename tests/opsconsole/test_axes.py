@@ -4,11 +4,10 @@ address; console admins see the lock-out in the admin; `axes_reset` lifts it."""
 import io
 
 import pytest
-from django.contrib.auth.models import Group
 from django.core.management import call_command
 
 from migrations_ops.roles import AUDITOR, CONSOLE_ADMIN
-from tests.factories import UserFactory
+from tests.factories import UserFactory, member
 
 PASSWORD = "correct horse battery staple"  # UserFactory's
 LOGIN = "/admin/login/?next=/admin/"
@@ -16,12 +15,6 @@ LOGIN = "/admin/login/?next=/admin/"
 
 def log_in(client, username, password, address="127.0.0.1"):
     return client.post(LOGIN, {"username": username, "password": password}, REMOTE_ADDR=address)
-
-
-def member_of(group_name: str, **kwargs):
-    user = UserFactory(**kwargs)
-    user.groups.add(Group.objects.get(name=group_name))
-    return user
 
 
 def fail_until_locked(client, settings, username):
@@ -64,7 +57,7 @@ def test_console_admins_see_lock_outs_and_auditors_do_not(client, settings, role
     UserFactory(username="oncall")
     fail_until_locked(client, settings, "oncall")
 
-    client.force_login(member_of(CONSOLE_ADMIN))
+    client.force_login(member(CONSOLE_ADMIN))
     index = client.get("/admin/")
     assert "/admin/axes/accessattempt/" in index.text
     attempts = client.get("/admin/axes/accessattempt/?locked_out=yes")
@@ -75,7 +68,7 @@ def test_console_admins_see_lock_outs_and_auditors_do_not(client, settings, role
     assert failures.status_code == 200
     assert "oncall" in failures.text
 
-    client.force_login(member_of(AUDITOR))
+    client.force_login(member(AUDITOR))
     assert client.get("/admin/axes/accessattempt/").status_code == 403
 
 
@@ -87,7 +80,7 @@ def test_a_console_admin_lifts_a_lock_out_in_the_admin(client, settings, roles):
     fail_until_locked(client, settings, "oncall")
     attempt = AccessAttempt.objects.get(username="oncall")
 
-    admin = member_of(CONSOLE_ADMIN)
+    admin = member(CONSOLE_ADMIN)
     client.force_login(admin)
     response = client.post(
         "/admin/axes/accessattempt/",

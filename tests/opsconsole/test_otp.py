@@ -2,12 +2,11 @@
 incident commanders give a TOTP token; everyone else logs in as before."""
 
 import pytest
-from django.contrib.auth.models import Group
 from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from migrations_ops.roles import AUDITOR, CONSOLE_ADMIN, INCIDENT_COMMANDER
-from tests.factories import UserFactory
+from tests.factories import member
 
 PASSWORD = "correct horse battery staple"  # UserFactory's
 LOGIN = "/admin/login/?next=/admin/"
@@ -16,12 +15,6 @@ LOGIN = "/admin/login/?next=/admin/"
 @pytest.fixture
 def otp_required(settings, roles):
     settings.OTP_REQUIRED_GROUPS = [CONSOLE_ADMIN, INCIDENT_COMMANDER]
-
-
-def member_of(group_name: str, **kwargs):
-    user = UserFactory(**kwargs)
-    user.groups.add(Group.objects.get(name=group_name))
-    return user
 
 
 def token_of(device: TOTPDevice) -> str:
@@ -34,7 +27,7 @@ def log_in(client, username, otp_token=""):
 
 @pytest.mark.django_db
 def test_a_commander_without_a_device_is_refused_and_asked_for_the_token(client, otp_required):
-    member_of(INCIDENT_COMMANDER, username="commander")
+    member(INCIDENT_COMMANDER, username="commander")
 
     for token in ["", "123456"]:
         response = log_in(client, "commander", otp_token=token)
@@ -46,7 +39,7 @@ def test_a_commander_without_a_device_is_refused_and_asked_for_the_token(client,
 
 @pytest.mark.django_db
 def test_a_commander_gets_in_with_a_valid_token(client, otp_required):
-    commander = member_of(INCIDENT_COMMANDER, username="commander")
+    commander = member(INCIDENT_COMMANDER, username="commander")
     device = TOTPDevice.objects.create(user=commander, name="phone", confirmed=True)
 
     assert "Please enter your OTP token." in log_in(client, "commander").text
@@ -59,7 +52,7 @@ def test_a_commander_gets_in_with_a_valid_token(client, otp_required):
 
 @pytest.mark.django_db
 def test_a_wrong_token_is_refused(client, otp_required):
-    commander = member_of(INCIDENT_COMMANDER, username="commander")
+    commander = member(INCIDENT_COMMANDER, username="commander")
     device = TOTPDevice.objects.create(user=commander, name="phone", confirmed=True)
     wrong = f"{(int(token_of(device)) + 1) % 1_000_000:06d}"
 
@@ -70,7 +63,7 @@ def test_a_wrong_token_is_refused(client, otp_required):
 
 @pytest.mark.django_db
 def test_a_session_not_verified_by_a_device_is_refused_the_admin(client, otp_required):
-    admin = member_of(CONSOLE_ADMIN)
+    admin = member(CONSOLE_ADMIN)
     TOTPDevice.objects.create(user=admin, name="phone", confirmed=True)
     client.force_login(admin)  # a password-only session, as before two factors were on
 
@@ -82,7 +75,7 @@ def test_a_session_not_verified_by_a_device_is_refused_the_admin(client, otp_req
 
 @pytest.mark.django_db
 def test_an_auditor_gets_in_without_a_token(client, otp_required):
-    member_of(AUDITOR, username="auditor")
+    member(AUDITOR, username="auditor")
 
     response = log_in(client, "auditor")
     assert response.status_code == 302
@@ -92,7 +85,7 @@ def test_an_auditor_gets_in_without_a_token(client, otp_required):
 @pytest.mark.django_db
 def test_off_by_default_a_commander_logs_in_with_a_password(client, settings, roles):
     assert settings.OTP_REQUIRED_GROUPS == []
-    member_of(INCIDENT_COMMANDER, username="commander")
+    member(INCIDENT_COMMANDER, username="commander")
 
     response = client.get(LOGIN)
     assert "OTP Token" not in response.text
@@ -102,10 +95,10 @@ def test_off_by_default_a_commander_logs_in_with_a_password(client, settings, ro
 
 @pytest.mark.django_db
 def test_console_admins_manage_totp_devices(client, otp_required):
-    admin = member_of(CONSOLE_ADMIN, username="admin")
+    admin = member(CONSOLE_ADMIN, username="admin")
     device = TOTPDevice.objects.create(user=admin, name="phone", confirmed=True)
     assert log_in(client, "admin", otp_token=token_of(device)).status_code == 302
-    commander = member_of(INCIDENT_COMMANDER, username="commander")
+    commander = member(INCIDENT_COMMANDER, username="commander")
 
     assert client.get("/admin/otp_totp/totpdevice/").status_code == 200
     response = client.post(
@@ -129,7 +122,7 @@ def test_console_admins_manage_totp_devices(client, otp_required):
 
 @pytest.mark.django_db
 def test_the_api_refuses_a_session_not_verified_by_a_device(client, otp_required):
-    commander = member_of(INCIDENT_COMMANDER, username="commander")
+    commander = member(INCIDENT_COMMANDER, username="commander")
     device = TOTPDevice.objects.create(user=commander, name="phone", confirmed=True)
     client.force_login(commander)  # a password-only session, as before two factors were on
 
