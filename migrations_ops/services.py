@@ -753,14 +753,10 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
     """Run a queued operation. The claim is a conditional update, so a duplicated or
     redelivered task finds the operation already claimed and does nothing. While the runner
     works, a heartbeat keeps ``heartbeat_at`` fresh for the sweeper."""
-    now = timezone.now()
-    claimed = Operation.objects.filter(pk=operation_id, status=OperationStatus.QUEUED).update(
-        status=OperationStatus.RUNNING, started_at=now, heartbeat_at=now, worker=worker
-    )
-    if not claimed:
+    operation = _claim(operation_id, worker)
+    if operation is None:
         logger.info("operation %s was not queued any more; nothing to do", operation_id)
         return None
-    operation = Operation.objects.select_related("target").get(pk=operation_id)
     log = [_log_line(f"claimed by {worker or 'in-process'}")]
     try:
         with _heartbeat(operation_id, operation.log, log):
@@ -778,6 +774,40 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
             operation, log, OperationStatus.FAILED, error=f"internal error: {type(error).__name__}"
         )
     return _finish(operation, log, OperationStatus.SUCCEEDED, result=result)
+
+
+def _claim(operation_id: int, worker: str) -> Operation | None:
+    """Mark a queued operation running and load it with its target; None if it was not queued.
+
+    The claim and the load are one UPDATE ... RETURNING, then the target by its key, written
+    as SQL: through the ORM they cost an UPDATE, a SELECT joining the target, and the query
+    compiler's work on both -- more than a small migration's whole run on its target
+    (bench/rollback_overhead.py)."""
+    quote = console_connection.ops.quote_name
+    column = {name: quote(Operation._meta.get_field(name).column) for name in _CLAIMED_FIELDS}
+    now = Operation._meta.get_field("started_at").get_db_prep_value(
+        timezone.now(), console_connection
+    )
+    claimed = list(
+        Operation.objects.raw(
+            f"UPDATE {quote(Operation._meta.db_table)} SET {column['status']} = %s, "  # noqa: S608 (quoted names)
+            f"{column['started_at']} = %s, {column['heartbeat_at']} = %s, {column['worker']} = %s "
+            f"WHERE {column['id']} = %s AND {column['status']} = %s RETURNING *",
+            [OperationStatus.RUNNING, now, now, worker, operation_id, OperationStatus.QUEUED],
+        )
+    )
+    if not claimed:
+        return None
+    (operation,) = claimed
+    target_table, target_key = quote(Target._meta.db_table), quote(Target._meta.pk.column)
+    (operation.target,) = Target.objects.raw(
+        f"SELECT * FROM {target_table} WHERE {target_key} = %s",  # noqa: S608 (quoted names)
+        [operation.target_id],
+    )
+    return operation
+
+
+_CLAIMED_FIELDS = ("id", "status", "started_at", "heartbeat_at", "worker")
 
 
 @contextlib.contextmanager
@@ -1493,33 +1523,40 @@ def _logger(log: list[str]):
 
 def _run_apply(operation: Operation, log: list[str]) -> dict:
     target = operation.target
-    convention = engine.get_convention(target.convention)
     scripts = engine_scripts(target)
-    with open_target(target) as connection:
-        applied = convention.read_applied(connection)
-        chosen = engine.plan.pending(applied, scripts, operation.params.get("to_version"))
-        if [s.version for s in chosen] != operation.params["versions"]:
+    versions, to_version = operation.params["versions"], operation.params.get("to_version")
+    by_version = {script.version: script for script in scripts}
+    if not all(version in by_version for version in versions):
+        raise engine.EngineError(
+            "the imported scripts changed since the request; look again and re-request"
+        )
+
+    def check_books(applied: list[engine.AppliedMigration]) -> None:
+        pending = engine.plan.pending(applied, scripts, to_version)
+        if [script.version for script in pending] != versions:
             raise engine.EngineError(
                 "the books changed since the request: pending now "
-                f"{', '.join(s.filename for s in chosen) or 'nothing'}; look again and re-request"
+                f"{', '.join(s.filename for s in pending) or 'nothing'}; look again and re-request"
             )
-        steps = [engine.Step("up", script, script.filename) for script in chosen]
-        return _run_steps(operation, convention, connection, steps, log)
+
+    chosen = [by_version[version] for version in versions]
+    steps = [engine.Step("up", script, script.filename) for script in chosen]
+    return _run_steps(operation, steps, check_books, log)
 
 
 def _run_rollback(operation: Operation, log: list[str]) -> dict:
-    target = operation.target
-    convention = engine.get_convention(target.convention)
     params = operation.params
-    with open_target(target) as connection:
-        applied = convention.read_applied(connection)
+    # The script chosen at the request (a target may keep hundreds).
+    found = engine_scripts(operation.target, version=params["version"])
+    if not found:
+        raise engine.EngineError(
+            f"the script of {params['migration']} is no longer imported; look again and re-request"
+        )
+
+    def check_books(applied: list[engine.AppliedMigration]) -> None:
         try:
-            entry, script = engine.plan.rollback_choice(
-                applied,
-                # The script chosen at the request (a target may keep hundreds).
-                engine_scripts(target, version=params["version"]),
-                params["version"],
-                out_of_order=params.get("out_of_order", False),
+            entry, _ = engine.plan.rollback_choice(
+                applied, found, params["version"], out_of_order=params.get("out_of_order", False)
             )
         except engine.plan.PlanError as error:
             raise engine.EngineError(f"the books changed since the request: {error}") from None
@@ -1528,16 +1565,28 @@ def _run_rollback(operation: Operation, log: list[str]) -> dict:
                 f"the books changed since the request ({entry.name} instead of "
                 f"{params['book_name']}); look again and re-request"
             )
-        steps = [engine.Step("down", script, entry.name)]
-        return _run_steps(operation, convention, connection, steps, log)
+
+    steps = [engine.Step("down", found[0], params["book_name"])]
+    return _run_steps(operation, steps, check_books, log)
 
 
-def _run_steps(operation: Operation, convention, connection, steps, log: list[str]) -> dict:
-    report = engine.run_migrations(
-        connection, convention, steps, _run_settings(operation), _logger(log)
-    )
-    # read_applied has checked the tables on this connection
-    observe_lock(operation.target, convention.read_lock(connection, check_tables=False))
+def _run_steps(operation: Operation, steps, check_books, log: list[str]) -> dict:
+    """Run under the lock, where the books are checked again before any SQL runs."""
+    target = operation.target
+    convention = engine.get_convention(target.convention)
+    with open_target(target) as connection:
+        report = engine.run_migrations(
+            connection,
+            convention,
+            steps,
+            _run_settings(operation),
+            _logger(log),
+            check_books=check_books,
+        )
+        lock = report.lock_after
+        if lock is None:  # the release failed: see what it left
+            lock = convention.read_lock(connection, check_tables=False)
+    observe_lock(target, lock)
     return report.as_dict()
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import re
+import select
 import sqlite3
 import threading
 import time
@@ -34,6 +35,9 @@ class TargetConnection:
         self.raw = raw
         self.dialect = dialect
         self.schema = schema
+        # Whether SQL not written here (a migration's) ran, or the session was SET: a kept
+        # connection is then reset before it is lent again (see ConnectionCache).
+        self.session_changed = False
 
     # --- SQL helpers -------------------------------------------------------------------------
     def quote(self, identifier: str) -> str:
@@ -82,6 +86,7 @@ class TargetConnection:
     def run(self, statement: str) -> int:
         """Run one statement of a migration as written: no parameters, so a literal ``%`` in
         it is not taken for a placeholder."""
+        self.session_changed = True
         cursor = self.raw.cursor()
         try:
             cursor.execute(statement)
@@ -264,12 +269,16 @@ class ConnectionCache:
       never share one.
     - It is given back only after a clean exit, idle in autocommit with no transaction open; a
       connection that saw any error is closed.
-    - Before it is lent again its session is reset to how a new connection starts (DISCARD
-      ALL, then the schema's search_path): whatever the last borrower left -- a SET, SET ROLE,
-      a temporary table, a prepared statement, a session-level advisory lock, LISTEN -- is
-      gone, so even a migration's own SQL may run on it. That round trip is also the liveness
-      check: one the server dropped is replaced by a new connection, so a restarted target
-      costs a reconnect, not a failure.
+    - Before it is lent again after a migration's own SQL ran on it (``session_changed``),
+      its session is reset to how a new connection starts (DISCARD ALL, then the schema's
+      search_path): whatever that SQL left -- a SET, SET ROLE, a temporary table, a prepared
+      statement, a session-level advisory lock, LISTEN -- is gone. The console's own
+      statements leave nothing behind, so after them no reset is needed.
+    - Before it is lent it is also checked to be alive, one the server dropped being replaced
+      by a new connection, so a restarted target costs a reconnect, not a failure: the reset
+      is that check, and without one the socket is looked at without a round trip (a server
+      that ends a session -- restart, pg_terminate_backend, idle_session_timeout -- says so
+      on it, and an idle session is otherwise sent nothing).
     - It is keyed by everything that shapes the session (URL, schema, timeouts), so a changed
       URL or schema never reuses an old session.
     - At most ``max_idle`` connections stay open in all. One idle longer than
@@ -348,9 +357,10 @@ class ConnectionCache:
                 connection.close()
             if found is None:
                 return None
-            if _reset(found[1]):
+            connection = found[1]
+            if _reset(connection) if connection.session_changed else _alive(connection):
                 return found
-            found[1].close()
+            connection.close()
 
     def _give_back(self, key: tuple, opened_at: float, connection: TargetConnection) -> None:
         with self._lock:
@@ -388,6 +398,16 @@ def _reusable(connection: TargetConnection) -> bool:
     )
 
 
+def _alive(connection: TargetConnection) -> bool:
+    """An idle connection with nothing to read is alive: the server sends an idle session
+    nothing until it ends it (its last words, or the end of the stream, make it readable)."""
+    try:
+        readable, _, _ = select.select([connection.raw.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable and _reusable(connection)
+
+
 def _reset(connection: TargetConnection) -> bool:
     """Return a kept connection's session to its start (see ``ConnectionCache``); False when
     the connection is dead or could not be reset, and must be closed."""
@@ -398,4 +418,5 @@ def _reset(connection: TargetConnection) -> bool:
         _set_search_path(connection)
     except psycopg.Error:
         return False
+    connection.session_changed = False
     return _reusable(connection)

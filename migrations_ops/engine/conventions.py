@@ -117,7 +117,10 @@ class Convention:
         query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
         if for_update and connection.dialect == "postgresql":
             query += " FOR UPDATE"
-        columns, found = connection.fetch_table(query)
+        return self._lock_state(*connection.fetch_table(query))
+
+    def _lock_state(self, columns: list[str], found: list[dict[str, Any]]) -> LockState:
+        """The lock as the lock table's rows (``found``, with its ``columns``) show it."""
         rows = [{k: jsonable(v) for k, v in row.items()} for row in found]
         held_rows = [row for row in rows if self.row_holds_lock(row)]
         if not held_rows:
@@ -203,7 +206,8 @@ class Convention:
         """Write the lock as taken by ``holder``; ``lock``: as just read, free."""
         raise NotImplementedError
 
-    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
+        """Release the lock ``holder`` took; return the lock as it is after."""
         raise NotImplementedError
 
     def record_applied(
@@ -297,17 +301,20 @@ class RunbookConvention(Convention):
             list(values.values()),
         )
 
-    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
         table = connection.quote(self.lock_table)
         if connection.dialect == "postgresql":
             # One round trip, whatever the migration just run did to the table: the holder's
-            # rows where the table keeps a holder, else every row (as below).
-            connection.execute(
-                f"DELETE FROM {table} AS lock_row WHERE NOT to_jsonb(lock_row) ? 'locked_by'"  # noqa: S608
-                " OR to_jsonb(lock_row) ->> 'locked_by' = %s",
-                [holder],
+            # rows where the table keeps a holder, else every row (as below). The SELECT sees
+            # the table as the DELETE found it, so the rows it keeps are those left after.
+            ours = "NOT to_jsonb(lock_row) ? 'locked_by' OR to_jsonb(lock_row) ->> 'locked_by' = %s"
+            return self._lock_state(
+                *connection.fetch_table(
+                    f"WITH released AS (DELETE FROM {table} AS lock_row WHERE {ours}) "  # noqa: S608
+                    f"SELECT * FROM {table} AS lock_row WHERE NOT ({ours})",
+                    [holder, holder],
+                )
             )
-            return
         if "locked_by" in connection.columns(self.lock_table):
             connection.execute(
                 f"DELETE FROM {table} WHERE locked_by = {connection.placeholder}",  # noqa: S608
@@ -315,6 +322,7 @@ class RunbookConvention(Convention):
             )
         else:
             connection.execute(f"DELETE FROM {table}")  # noqa: S608
+        return self.read_lock(connection, check_tables=False)
 
     def record_applied(
         self, connection: TargetConnection, name: str, batch: int, applied_at: dt.datetime
@@ -403,8 +411,14 @@ class KnexConvention(Convention):
         if not connection.execute(f"UPDATE {table} SET is_locked = 1"):  # noqa: S608
             connection.execute(f"INSERT INTO {table} (is_locked) VALUES (1)")  # noqa: S608
 
-    def release_own_lock(self, connection: TargetConnection, holder: str) -> None:
+    def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
+        if connection.dialect == "postgresql":  # every row, as it is after: one round trip
+            table = connection.quote(self.lock_table)
+            return self._lock_state(
+                *connection.fetch_table(f"UPDATE {table} SET is_locked = 0 RETURNING *")  # noqa: S608
+            )
         self._release(connection)
+        return self.read_lock(connection, check_tables=False)
 
     def record_applied(
         self, connection: TargetConnection, name: str, batch: int, applied_at: dt.datetime

@@ -22,10 +22,12 @@ import psycopg
 
 from . import catalog
 from .connection import TargetConnection, one_line
-from .conventions import Convention, LockState, describe_rows
+from .conventions import AppliedMigration, Convention, LockState, describe_rows
 from .errors import EngineError
 
 Log = Callable[[str], None]
+# Shown the books as read under the lock, before any SQL runs; raises EngineError to stop.
+BooksCheck = Callable[[list[AppliedMigration]], None]
 
 
 class StatementLike(Protocol):
@@ -92,6 +94,8 @@ class RunReport:
     changes: list[dict[str, str]] = field(default_factory=list)
     committed: bool = False
     lock_attempts: int = 0
+    # The lock as the release left it; None if the release failed (not part of the report).
+    lock_after: LockState | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -115,7 +119,11 @@ def run(
     steps: Sequence[Step],
     settings: RunSettings,
     log: Log,
+    *,
+    check_books: BooksCheck | None = None,
 ) -> RunReport:
+    """Run ``steps`` under the target's migration lock. ``check_books``: what the steps were
+    planned from still holds (the books can change until the lock is ours)."""
     if not steps:
         raise EngineError("nothing to run")
     outside = [step for step in steps if step.must_run_outside_transaction]
@@ -126,11 +134,13 @@ def run(
     report.lock_attempts = acquire_lock(connection, convention, settings, log)
     try:
         if transactional:
-            _run_in_transaction(connection, convention, steps, settings, report, log)
+            _run_in_transaction(connection, convention, steps, settings, report, log, check_books)
         else:
-            _run_statement_by_statement(connection, convention, steps[0], settings, report, log)
+            _run_statement_by_statement(
+                connection, convention, steps[0], settings, report, log, check_books
+            )
     finally:
-        _release(connection, convention, settings.holder, log)
+        report.lock_after = _release(connection, convention, settings.holder, log)
     return report
 
 
@@ -199,14 +209,26 @@ def _refuse_stale_lock(lock: LockState, *, settings: RunSettings) -> None:
         )
 
 
-def _release(connection: TargetConnection, convention: Convention, holder: str, log: Log) -> None:
+def _release(
+    connection: TargetConnection, convention: Convention, holder: str, log: Log
+) -> LockState | None:
     try:
-        convention.release_own_lock(connection, holder)
-        log("released the migration lock")
+        after = convention.release_own_lock(connection, holder)
     except (EngineError, psycopg.Error, sqlite3.Error) as error:
         # The lock row is ours and stays behind: it shows as held by this holder until the
         # lock timeout makes it stale and cleanup or force-unlock removes it.
         log(f"could not release the migration lock: {one_line(error)}")
+        return None
+    log("released the migration lock")
+    return after
+
+
+def _check_books(
+    connection: TargetConnection, convention: Convention, check_books: BooksCheck | None
+) -> None:
+    if check_books is not None:
+        # The tables were checked when the lock was taken.
+        check_books(convention.read_applied(connection, check_tables=False))
 
 
 def _run_in_transaction(
@@ -216,9 +238,11 @@ def _run_in_transaction(
     settings: RunSettings,
     report: RunReport,
     log: Log,
+    check_books: BooksCheck | None,
 ) -> None:
     try:
         with connection.transaction(), _bounded(connection, settings.statement_timeout_seconds):
+            _check_books(connection, convention, check_books)
             # Only a dry run measures its effects: two catalog reads cost more than a small
             # migration, and would hold its table locks longer on a real run.
             before = catalog.snapshot(connection) if settings.dry_run else None
@@ -248,7 +272,9 @@ def _run_statement_by_statement(
     settings: RunSettings,
     report: RunReport,
     log: Log,
+    check_books: BooksCheck | None,
 ) -> None:
+    _check_books(connection, convention, check_books)
     log(f"{step.script.filename}: running statement by statement, outside a transaction")
     with _bounded(connection, settings.statement_timeout_seconds, in_transaction=False):
         _run_statements(connection, step, report, log, outside_transaction=True)
@@ -326,6 +352,8 @@ def _bounded(connection: TargetConnection, seconds: float, *, in_transaction: bo
     """Bound every statement (and every wait for a row lock) of the transaction."""
     milliseconds = max(1, int(seconds * 1000))
     if connection.dialect == "postgresql":
+        if not in_transaction:  # set for the session: undone before the connection's next use
+            connection.session_changed = True
         # SET [LOCAL] of both in one round trip; outside a transaction, for the session.
         connection.execute(
             "SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)",

@@ -74,9 +74,27 @@ def test_a_kept_connection_stays_in_use_however_often_it_is_reset(cache, pg_targ
     # psycopg prepares a statement run five times; the reset must not trip over its own.
     with open_kept(cache, pg_target) as conn:
         first = backend_pid(conn)
+        conn.run("SET application_name = 'migration'")
     for attempt in range(12):
         with open_kept(cache, pg_target) as conn:
             assert backend_pid(conn) == first, f"replaced at lending {attempt}"
+            assert conn.fetch_dicts("SHOW application_name")[0]["application_name"] == "opsconsole"
+            conn.run("SET application_name = 'migration'")
+
+
+def test_only_a_connection_a_migration_ran_on_is_reset(cache, pg_target):
+    """The console's own statements leave the session as it was, so they cost no reset; this
+    one breaks that rule on purpose to show that no reset happened."""
+    with open_kept(cache, pg_target) as conn:
+        conn.fetch_dicts("SELECT set_config('opsconsole_test.left_behind', 'yes', false)")
+        assert conn.session_changed is False
+    with open_kept(cache, pg_target) as conn:
+        assert conn.fetch_dicts(SESSION)[0]["custom_setting"] == "yes"
+        conn.run("SELECT 1")
+        assert conn.session_changed is True
+    with open_kept(cache, pg_target) as conn:
+        assert conn.fetch_dicts(SESSION)[0]["custom_setting"] == ""
+        assert conn.session_changed is False
 
 
 def test_a_connection_is_lent_to_one_caller_at_a_time(cache, pg_target):
@@ -101,9 +119,12 @@ def test_a_connection_left_in_a_transaction_is_closed(cache, pg_target):
         assert backend_pid(conn) != first
 
 
-def test_a_connection_the_server_dropped_is_replaced(cache, pg_target):
+@pytest.mark.parametrize("migration_ran", [False, True], ids=["clean", "to-reset"])
+def test_a_connection_the_server_dropped_is_replaced(cache, pg_target, migration_ran):
     with open_kept(cache, pg_target) as conn:
         first = backend_pid(conn)
+        if migration_ran:
+            conn.run("SELECT 1")
     with psycopg.connect(pg_target.url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (first,))
     time.sleep(0.1)

@@ -25,7 +25,8 @@ def test_take_writes_holder_and_time_and_release_frees_it(any_target):
         lock = runbook.read_lock(conn)
         assert (lock.held, lock.holder) == (True, HOLDER)
         assert lock.locked_at is not None
-        runbook.release_own_lock(conn, HOLDER)
+        after = runbook.release_own_lock(conn, HOLDER)
+    assert (after.held, after.rows) == (False, [])
     assert lock_rows(any_target) == []
 
 
@@ -34,8 +35,10 @@ def test_release_leaves_other_holders_rows(any_target):
     with open_target(any_target) as conn:
         assert runbook.try_take_lock(conn, HOLDER) is True
         any_target.execute("INSERT INTO migration_lock (id, locked_by) VALUES (2, 'deploy-43')")
-        runbook.release_own_lock(conn, HOLDER)
+        after = runbook.release_own_lock(conn, HOLDER)
     assert [(row[0], row[1]) for row in lock_rows(any_target)] == [(2, "deploy-43")]
+    # What the release returns is the lock as it is after: still held, by the other holder.
+    assert (after.held, after.holder, [row["id"] for row in after.rows]) == (True, "deploy-43", [2])
 
 
 def test_lock_table_without_holder_or_time_columns(any_target):
@@ -94,3 +97,14 @@ def test_advisory_lock_is_refused_on_sqlite(sqlite_target):
     sqlite_target.create_runbook_books()
     with open_target(sqlite_target) as conn, pytest.raises(EngineError, match="PostgreSQL"):
         conn.missing_tables(["migrations"], advisory_lock="opsconsole:k")
+
+
+def test_knex_take_then_release_returns_the_lock_free(any_target):
+    any_target.create_knex_books(locked=False)
+    with open_target(any_target) as conn:
+        assert knex.try_take_lock(conn, HOLDER) is True
+        assert any_target.knex_is_locked() == 1
+        after = knex.release_own_lock(conn, HOLDER)
+    assert after.held is False
+    assert [row["is_locked"] for row in after.rows] == [0]
+    assert any_target.knex_is_locked() == 0

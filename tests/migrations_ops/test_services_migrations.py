@@ -208,6 +208,32 @@ def test_rollback_refused_when_the_books_changed_since_the_request(runbook_targe
     assert "the books changed since the request" in operation.error
 
 
+def test_books_changed_while_waiting_for_the_lock_are_seen_once_it_is_taken(runbook_target):
+    """The application's migrator holds the lock, rolls 002 back itself and lets go: the
+    console, which asked to roll back 002 and was waiting, must not run its SQL on the books as
+    they are now (they are read again under the lock)."""
+    runbook_target.db.take_runbook_lock(locked_by="app-migrator pid 77")
+    operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+
+    def migrator_rolls_back_then_releases():
+        time.sleep(0.5)
+        runbook_target.db.execute("ALTER TABLE users DROP COLUMN email")
+        runbook_target.db.execute("DELETE FROM migrations WHERE filename = '002_add_email.sql'")
+        runbook_target.db.execute("DELETE FROM migration_lock")
+
+    migrator = threading.Thread(target=migrator_rolls_back_then_releases)
+    migrator.start()
+    try:
+        operation = run(operation)
+    finally:
+        migrator.join()
+    assert operation.status == OperationStatus.FAILED
+    assert "the books changed since the request" in operation.error
+    assert "took the migration lock" in operation.log
+    assert books_of(runbook_target.db) == ["001_create_users.sql"]
+    assert runbook_target.db.runbook_lock_rows() == []
+
+
 def test_a_lock_held_by_someone_else_makes_the_operation_wait_then_fail(runbook_target):
     runbook_target.db.take_runbook_lock(locked_by="app-migrator pid 77")
     operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
