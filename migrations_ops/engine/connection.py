@@ -159,6 +159,29 @@ class TargetConnection:
                 f"this is not a {convention_name}-convention migrations database"
             )
 
+    def fetch_checked(
+        self, convention_name: str, tables: Sequence[str], query: str, params: Sequence[Any] = ()
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """``fetch_table``, raising ``NotAMigrationsDatabase`` unless every one of ``tables``
+        exists. On PostgreSQL outside a transaction, in one round trip instead of two: the query
+        goes first, naming every table (a missing one fails it), and the tables are looked at
+        only when it fails. In a transaction, a failed query would end it: they go first."""
+        if (
+            self.dialect != "postgresql"
+            or self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+        ):
+            self.require_tables(convention_name, *tables)
+            return self.fetch_table(query, params)
+        names = ", ".join(self.quote(table) for table in tables)
+        try:
+            # A CTE the query never reads is not run, but its tables must exist.
+            return self.fetch_table(
+                f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {query}", params
+            )
+        except psycopg.errors.UndefinedTable:
+            self.require_tables(convention_name, *tables)
+            raise
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """A write transaction. On SQLite it takes the write lock up front (BEGIN IMMEDIATE), so

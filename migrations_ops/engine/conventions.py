@@ -108,16 +108,23 @@ class Convention:
             self.name, self.migrations_table, self.lock_table, advisory_lock=advisory_lock
         )
 
+    def _fetch(
+        self, connection: TargetConnection, query: str, *, check_tables: bool
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """``query`` over the convention's tables; ``check_tables``: that both exist."""
+        if not check_tables:
+            return connection.fetch_table(query)
+        tables = (self.migrations_table, self.lock_table)
+        return connection.fetch_checked(self.name, tables, query)
+
     # --- reading -------------------------------------------------------------------------------
     def read_lock(
         self, connection: TargetConnection, *, for_update: bool = False, check_tables: bool = True
     ) -> LockState:
-        if check_tables:
-            self.require_tables(connection)
         query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
         if for_update and connection.dialect == "postgresql":
             query += " FOR UPDATE"
-        return self._lock_state(*connection.fetch_table(query))
+        return self._lock_state(*self._fetch(connection, query, check_tables=check_tables))
 
     def _lock_state(self, columns: list[str], found: list[dict[str, Any]]) -> LockState:
         """The lock as the lock table's rows (``found``, with its ``columns``) show it."""
@@ -263,11 +270,11 @@ class RunbookConvention(Convention):
     def read_applied(
         self, connection: TargetConnection, *, check_tables: bool = True
     ) -> list[AppliedMigration]:
-        if check_tables:
-            self.require_tables(connection)
         table = connection.quote(self.migrations_table)
-        rows = connection.fetch_dicts(
-            f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename"  # noqa: S608
+        _, rows = self._fetch(
+            connection,
+            f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename",  # noqa: S608
+            check_tables=check_tables,
         )
         return [
             AppliedMigration(str(r["filename"]), parse_timestamp(r["applied_at"])) for r in rows
@@ -381,11 +388,11 @@ class KnexConvention(Convention):
     def read_applied(
         self, connection: TargetConnection, *, check_tables: bool = True
     ) -> list[AppliedMigration]:
-        if check_tables:
-            self.require_tables(connection)
         table = connection.quote(self.migrations_table)
-        rows = connection.fetch_dicts(
-            f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id"  # noqa: S608
+        _, rows = self._fetch(
+            connection,
+            f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id",  # noqa: S608
+            check_tables=check_tables,
         )
         return [
             AppliedMigration(
