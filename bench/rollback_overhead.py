@@ -17,9 +17,11 @@ Every round re-applies the migration directly with psycopg (its up SQL and the I
 (a) console: from just before ``services.request_rollback(...)`` (latest applied migration)
     until ``services.execute_operation(op.pk)`` has returned the Operation ``succeeded``, both
     called in this process: the request's live read of the books and the lock, the Operation
-    and AuditEvent rows, and the whole run (claim, target connection -- a kept one, its session
-    reset first --, lock taken and committed, the transaction, lock release, the lock
-    observation, finish); a real run takes no catalog snapshots (only dry runs report changes);
+    and AuditEvent rows, and the whole run (claim, target connection -- a kept one, whose
+    session is reset before it is lent after a migration's SQL ran on it, i.e. once a round --,
+    lock taken and committed, the transaction with the books read again under the lock, lock
+    release, the lock observation, finish); a real run takes no catalog snapshots (only dry runs
+    report changes);
 (b) direct: on a kept psycopg connection, ``BEGIN; DROP INDEX orders_customer_idx;
     DELETE FROM migrations WHERE filename = '001_orders_customer_index.sql'; COMMIT``
     (the same down SQL, taken from the imported script, and the same DELETE the console runs);
