@@ -341,7 +341,7 @@ class DrillProcedure:
         if status.error:
             raise DrillFailed(f"{self.target.name} could not be read: {status.error}")
         versions = set(drill_script_versions())
-        scripts = [s for s in ops.engine_scripts(self.target) if s.version not in versions]
+        scripts = [s for s in ops.script_summaries(self.target) if s.version not in versions]
         pending = engine.plan.pending(status.applied, scripts, None)
         if pending:
             names = ", ".join(script.filename for script in pending)
@@ -365,7 +365,9 @@ class DrillProcedure:
     def _roll_back_if_applied(self) -> None:
         versions = drill_script_versions()
         status = ops.read_target_status(self.target)
-        drill_files = {s.filename for s in ops.engine_scripts(self.target) if s.version in versions}
+        drill_files = {
+            s.filename for s in ops.script_summaries(self.target) if s.version in versions
+        }
         if status.error or not drill_files & {entry.name for entry in status.applied or []}:
             return
         self.execute(

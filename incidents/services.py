@@ -887,7 +887,7 @@ def _check_target(target: Target) -> dict[str, tuple[bool | None, str]]:
         lock = (False, f"{target.name}: lock held by {observation.holder or 'unknown'}{since}")
     else:
         lock = (True, f"{target.name}: lock free")
-    scripts = ops.engine_scripts(target)
+    scripts = ops.script_summaries(target)
     if not scripts:
         books = (False, f"{target.name}: no scripts imported to compare the books with")
     else:

@@ -146,13 +146,15 @@ def preview(target: Target, action: TargetAction) -> dict:
     """What the page shows before anything is requested: read live, nothing written but the
     lock observation."""
     status = services.read_target_status(target)
-    scripts = services.engine_scripts(target)
+    scripts = services.script_summaries(target)
     applied = status.applied or []
     context = {"status_error": status.error, "applied": applied, "scripts": [], "versions": []}
     if action.kind == "apply":
         pending = engine.plan.pending(applied, scripts) if not status.error else []
-        context["scripts"] = [(s.filename, "up", s.up_sql) for s in pending]
-        context["versions"] = [s.version for s in pending]
+        versions = [s.version for s in pending]
+        shown = services.engine_scripts(target, versions=versions) if versions else []
+        context["scripts"] = [(s.filename, "up", s.up_sql) for s in shown]
+        context["versions"] = versions
     elif action.kind == "rollback":
         newest_first = sorted(
             (e for e in applied if engine.plan.version_of(e.name)),
@@ -161,7 +163,8 @@ def preview(target: Target, action: TargetAction) -> dict:
         )
         context["versions"] = [engine.plan.version_of(e.name) for e in newest_first]
         try:
-            _, script = engine.plan.rollback_choice(applied, scripts)
+            _, chosen = engine.plan.rollback_choice(applied, scripts)
+            (script,) = services.engine_scripts(target, versions=[chosen.version])
             context["scripts"] = [(script.filename, "down", script.down_sql)]
         except engine.EngineError as error:
             context["plan_error"] = str(error)

@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,7 +28,17 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.db import connection as console_connection
-from django.db.models import Case, DateTimeField, F, Max, Q, Value, When
+from django.db.models import (
+    BooleanField,
+    Case,
+    DateTimeField,
+    ExpressionWrapper,
+    F,
+    Max,
+    Q,
+    Value,
+    When,
+)
 from django.db.models.functions import Coalesce
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -1258,11 +1269,26 @@ def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScri
     )
 
 
-def engine_scripts(target: Target, *, version: str | None = None) -> list[engine.MigrationScript]:
-    """The target's stored scripts in the engine's own shape; only ``version``'s if given."""
+def script_summaries(target: Target) -> list[engine.plan.ScriptSummary]:
+    """The target's stored scripts without their SQL, in version order: what planning needs.
+    (Their SQL, loaded for every one of hundreds of scripts, would cost milliseconds each.)"""
+    rows = (
+        MigrationScript.objects.filter(target=target)
+        .order_by("version")
+        .annotate(has_down_sql=ExpressionWrapper(~Q(down_sql=""), output_field=BooleanField()))
+        .values_list("version", "name", "filename", "checksum", "has_down_sql")
+    )
+    return [engine.plan.ScriptSummary(*row) for row in rows]
+
+
+def engine_scripts(
+    target: Target, *, versions: Sequence[str] | None = None
+) -> list[engine.MigrationScript]:
+    """The target's stored scripts in the engine's own shape, SQL included; only those of
+    ``versions`` if given (plan with ``script_summaries``, then load what was chosen)."""
     rows = MigrationScript.objects.filter(target=target)
-    if version is not None:
-        rows = rows.filter(version=version)
+    if versions is not None:
+        rows = rows.filter(version__in=versions)
     # Plain values, not model instances: the engine's objects are all that is needed.
     fields = ("version", "name", "filename", "layout", "up_sql", "down_sql", "up_statements")
     fields += ("down_statements", "transactional", "needs_no_transaction", "checksum")
@@ -1348,7 +1374,7 @@ def request_apply(
         require_permission(actor, "migrations_ops.run_migrations", "apply migrations")
         reason = _require_reason(reason, "apply migrations")
         _require_confirmation(target, confirm_name, "confirm applying migrations")
-    scripts = engine_scripts(target)
+    scripts = script_summaries(target)
     if not scripts:
         raise ServiceError(_no_scripts_hint(target))
     applied = _live_books(target, refuse_stale_lock=True)
@@ -1398,7 +1424,7 @@ def request_rollback(
     applied = _live_books(target, refuse_stale_lock=True)
     try:
         entry, script = engine.plan.rollback_choice(
-            applied, engine_scripts(target), version, out_of_order=out_of_order
+            applied, script_summaries(target), version, out_of_order=out_of_order
         )
     except engine.EngineError as error:
         raise _plan_error(target, error) from None
@@ -1435,7 +1461,7 @@ def request_mark(
     _require_confirmation(target, confirm_name, "confirm the change to its books")
     books = _live_books(target)
     if applied:
-        script = next(iter(engine_scripts(target, version=version)), None)
+        script = next(iter(engine_scripts(target, versions=[version])), None)
         if script is None:
             raise ServiceError(f"unknown version {version} for {target.name}: import it first")
         if engine.plan.applied_for(script, books) is not None:
@@ -1523,9 +1549,9 @@ def _logger(log: list[str]):
 
 def _run_apply(operation: Operation, log: list[str]) -> dict:
     target = operation.target
-    scripts = engine_scripts(target)
+    scripts = script_summaries(target)
     versions, to_version = operation.params["versions"], operation.params.get("to_version")
-    by_version = {script.version: script for script in scripts}
+    by_version = {script.version: script for script in engine_scripts(target, versions=versions)}
     if not all(version in by_version for version in versions):
         raise engine.EngineError(
             "the imported scripts changed since the request; look again and re-request"
@@ -1547,7 +1573,7 @@ def _run_apply(operation: Operation, log: list[str]) -> dict:
 def _run_rollback(operation: Operation, log: list[str]) -> dict:
     params = operation.params
     # The script chosen at the request (a target may keep hundreds).
-    found = engine_scripts(operation.target, version=params["version"])
+    found = engine_scripts(operation.target, versions=[params["version"]])
     if not found:
         raise engine.EngineError(
             f"the script of {params['migration']} is no longer imported; look again and re-request"
@@ -1612,15 +1638,16 @@ def _run_mark(operation: Operation, log: list[str]) -> dict:
 def _run_verify(operation: Operation, log: list[str]) -> dict:
     target = operation.target
     convention = engine.get_convention(target.convention)
-    rows = list(target.scripts.all())
-    scripts = engine_scripts(target)
+    drifted = {
+        row.filename: drift_description(row) for row in target.scripts.exclude(drift_checksum="")
+    }
+    scripts = script_summaries(target)
     with open_target(target) as connection:
         applied = convention.read_applied(connection)
         lock = convention.read_lock(connection)
         invalid = engine.invalid_indexes(connection)
     observation = observe_lock(target, lock)
     if scripts:
-        drifted = {row.filename: drift_description(row) for row in rows if row.drift_checksum}
         problems = engine.plan.verify_books(applied, scripts, drifted=drifted)
     else:
         problems = [engine.plan.Problem("no_scripts", _no_scripts_hint(target))]
@@ -2018,7 +2045,7 @@ def auto_migrate(
 
 
 def _auto_pending(target: Target) -> list[str]:
-    scripts = engine_scripts(target)
+    scripts = script_summaries(target)
     if not scripts:
         raise ServiceError(_no_scripts_hint(target))
     try:

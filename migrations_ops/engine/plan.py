@@ -21,8 +21,21 @@ class Script(Protocol):
     version: str
     name: str
     filename: str
-    down_sql: str
     checksum: str
+
+    @property
+    def has_down_sql(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ScriptSummary:
+    """An imported script without its SQL: enough to plan with, however many a target keeps."""
+
+    version: str
+    name: str
+    filename: str
+    checksum: str
+    has_down_sql: bool
 
 
 class PlanError(EngineError):
@@ -117,7 +130,7 @@ def rollback_choice(
             f"no script is imported for {entry.name}: import the application's migrations "
             "folder first (ops import)"
         )
-    if not script.down_sql.strip():
+    if not script.has_down_sql:
         raise PlanError(f"{script.filename} has no down SQL: it cannot be rolled back")
     return entry, script
 

@@ -49,6 +49,10 @@ class MigrationScript:
     needs_no_transaction: tuple[str, ...]
     checksum: str
 
+    @property
+    def has_down_sql(self) -> bool:
+        return bool(self.down_sql.strip())
+
 
 # --- text ------------------------------------------------------------------------------------
 _TRAILING_SPACE = " \t\f\v"

@@ -200,6 +200,20 @@ def test_rollback_rules(runbook_target):
     assert books_of(runbook_target.db) == ["002_add_email.sql"]
 
 
+def test_rollback_of_a_script_without_down_sql_is_refused_at_the_request(runbook_target):
+    no_down = (ORDERS[0], ORDERS[1], None)
+    write_folder(runbook_target.folder, USERS, EMAIL, no_down)
+    services.import_scripts(actor=OPERATOR, target=runbook_target, directory=runbook_target.folder)
+    # Planning reads the scripts without their SQL: the summary still knows there is none.
+    summaries = {s.version: s.has_down_sql for s in services.script_summaries(runbook_target)}
+    assert summaries == {"001": True, "002": True, "003": False}
+    applied = run(services.request_apply(actor=OPERATOR, target=runbook_target, reason="x"))
+    assert applied.status == OperationStatus.SUCCEEDED, applied.error
+    with pytest.raises(services.ServiceError, match=r"^003_create_orders.sql has no down SQL"):
+        services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
+    assert not Operation.objects.filter(kind="rollback").exists()
+
+
 def test_rollback_refused_when_the_books_changed_since_the_request(runbook_target):
     operation = services.request_rollback(actor=OPERATOR, target=runbook_target, reason="x")
     runbook_target.db.execute("DELETE FROM migrations WHERE filename = '002_add_email.sql'")
