@@ -18,13 +18,19 @@ asked for each target in turn; the status of all targets at once, as a monitor p
 Targets: status >= 800 req/s with p99 <= 40 ms; flags >= 2,000 req/s with p99 <= 20 ms.
 
 Workers: the requests are CPU-bound Python (one round trip to Redis, then an answer from the
-process's memory), so more processes than cores only add switching; one per core plus one
-keeps both cores busy across the short waits on Redis (wrk shares the cores). gthread workers
-keep the clients' connections alive (sync workers close each one), with one thread each: a
-second thread overlaps the waits on Redis but contends for the GIL, which measured worse at the
-tail (p99 36 ms instead of 23 ms for the flags). Each worker takes at most its share of the
-clients' connections (``--worker-connections``): left alone, one worker could take most of
-them at the start and the run measure one core (flags seen at 1,100 req/s instead of 2,400).
+process's memory), so one sync worker per core (wrk, Redis and PostgreSQL share the cores). Sync
+workers answer a request and close its connection, as behind a buffering proxy (gunicorn's
+advice for them); every worker takes the next connection from the one queue the listening
+socket holds, so a worker that falls behind (descheduled, or reading the targets' status
+again) delays only the request it holds. gthread workers keep each client's connection alive,
+so a worker's share of the clients waits on it whenever it falls behind: measured on the same
+code, 3 gthread workers x 1 thread gave the flags a p99 of 24-36 ms and 2 sync workers 17-20 ms
+in most runs (up to 26 ms with other work on the machine), at about the same rate and with
+about 0.1 ms less worker CPU per request (accepting and closing a connection costs less than
+handing each request between a gthread worker's two threads). ``--worker-class gthread``
+measures the other way; with it each worker takes at most its share of the clients'
+connections (``--worker-connections``), else one could take most of them at the start and the
+run measure one core.
 """
 
 from __future__ import annotations
@@ -86,10 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=20, help="seconds per endpoint (20)")
     parser.add_argument("--connections", type=int, default=32, help="concurrent clients (32)")
     parser.add_argument("--targets", type=int, default=50, help="targets registered (50)")
-    parser.add_argument("--workers", type=int, default=(os.cpu_count() or 2) + 1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="(the cores)")
     parser.add_argument("--threads", type=int, default=1, help="per gunicorn worker (1)")
     parser.add_argument(
-        "--worker-class", default="gthread", choices=["gthread", "sync"], help="(gthread)"
+        "--worker-class", default="sync", choices=["sync", "gthread"], help="(sync)"
     )
     parser.add_argument(
         "--status-max-age", type=float, default=5, help="STATUS_MAX_AGE, seconds (5)"

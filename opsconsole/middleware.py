@@ -14,6 +14,11 @@ import re
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
+
+from django.contrib.messages.middleware import MessageMiddleware
+from django.contrib.messages.storage import default_storage
+from django.utils.functional import SimpleLazyObject, empty
 
 from opsconsole import security
 
@@ -88,3 +93,17 @@ class RequestContextMiddleware:
             response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response
+
+
+class LazyMessageMiddleware(MessageMiddleware):
+    """Django's, with the message storage (cookie and session) built only when a message is
+    added or read: an API request never uses it, and then saves nothing either."""
+
+    def process_request(self, request):
+        request._messages = SimpleLazyObject(partial(default_storage, request))
+
+    def process_response(self, request, response):
+        messages = getattr(request, "_messages", None)
+        if isinstance(messages, SimpleLazyObject) and messages._wrapped is empty:
+            return response
+        return super().process_response(request, response)

@@ -48,7 +48,8 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django_otp.middleware.OTPMiddleware",  # request.user.is_verified()
-    "django.contrib.messages.middleware.MessageMiddleware",
+    # Django's MessageMiddleware, building the message storage only for a request that uses it.
+    "opsconsole.middleware.LazyMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes requires: it turns a locked-out login into its refusal page.
     "axes.middleware.AxesMiddleware",

@@ -78,3 +78,21 @@ def test_a_task_carries_its_own_id_and_no_address():
     finally:
         middleware.unbind_task()
     assert middleware.current() == middleware.RequestContext()
+
+
+def test_a_message_waits_through_requests_that_do_not_show_it(client, django_user_model):
+    """The message storage is built only for a request that uses it (LazyMessageMiddleware):
+    a message added before a redirect still reaches the page that shows it."""
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw-unused-1")
+    client.force_login(admin)
+    added = client.post("/admin/auth/group/add/", {"name": "night shift"})
+    assert added.status_code == 302
+
+    api = client.get("/api/migrations/status")  # staff session: the API never shows messages
+    assert api.status_code == 200
+    assert "messages" not in api.cookies
+
+    shown = client.get(added.url)
+    assert "night shift" in shown.content.decode()
+    assert "was added successfully" in shown.content.decode()
+    assert "was added successfully" not in client.get(added.url).content.decode()
