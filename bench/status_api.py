@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-connections",
         type=int,
-        default=8,
-        help="TARGET_KEEP_CONNECTIONS_MAX per worker (8, the default; the targets' count keeps "
-        "every status re-read on kept connections)",
+        default=64,
+        help="TARGET_KEEP_CONNECTIONS_MAX per worker (64, the default: every status re-read on "
+        "kept connections up to 64 targets)",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 when a target is missed"

@@ -392,6 +392,16 @@ def open_target(target: Target):
 
 def read_target_status(target: Target, *, include_applied: bool = True) -> TargetStatus:
     """Read the lock (and applied migrations) live from the target and remember the lock."""
+    lock, applied, error = _read_live(target, include_applied=include_applied)
+    observation = observe_lock(target, lock, error=error or "")
+    return TargetStatus(target, observation, applied, error)
+
+
+def _read_live(
+    target: Target, *, include_applied: bool = True
+) -> tuple[engine.LockState | None, list[engine.AppliedMigration] | None, str | None]:
+    """The lock and (with ``include_applied``) the books as the target has them now; or the
+    reason they could not be read."""
     convention = engine.get_convention(target.convention)
     try:
         with open_target(target) as connection:
@@ -401,10 +411,8 @@ def read_target_status(target: Target, *, include_applied: bool = True) -> Targe
                 convention.read_applied(connection, check_tables=False) if include_applied else None
             )
     except engine.EngineError as error:
-        observation = observe_lock(target, None, error=str(error))
-        return TargetStatus(target, observation, None, str(error))
-    observation = observe_lock(target, lock)
-    return TargetStatus(target, observation, applied, None)
+        return None, None, str(error)
+    return lock, applied, None
 
 
 def observe_lock(
@@ -420,6 +428,35 @@ def observe_lock(
         observation = LockObservation(**written)
     observation.target = target
     return observation
+
+
+def observe_locks(readings: list[tuple[Target, engine.LockState | None, str]]) -> None:
+    """``observe_lock`` for many targets read one after the other (each with its
+    ``lock_observation`` loaded): the free locks whose rows read the same -- most of them,
+    most of the time -- in a single UPDATE; the others, and a target's first reading, each
+    on its own."""
+    now = timezone.now()
+    free: dict[str, list[Target]] = {}
+    for target, lock, error in readings:
+        if lock is None or lock.held or selectors.observation_of(target) is None:
+            observe_lock(target, lock, error=error)
+        else:
+            rows = json.dumps(lock.rows, sort_keys=True, cls=DjangoJSONEncoder)
+            free.setdefault(rows, []).append(target)
+    for rows, targets in free.items():
+        changes = {
+            "held": False,
+            "rows": json.loads(rows),
+            "holder": "",
+            "locked_at": None,
+            "error": "",
+            "first_seen_held_at": None,
+            "observed_at": now,
+        }
+        LockObservation.objects.filter(target__in=targets).update(**changes)
+        for target in targets:
+            for name, value in changes.items():
+                setattr(target.lock_observation, name, value)
 
 
 def _record_observation(
@@ -2535,13 +2572,15 @@ def _reading_lock_seconds() -> int:
 
 
 def _read_statuses(target_ids: list[int], *, pause: float = 0) -> dict[int, dict]:
-    entries = {}
+    readings = []
     for target in selectors.targets_with_observations().filter(pk__in=target_ids):
-        if pause and entries:
+        if pause and readings:
             time.sleep(pause)
-        status = read_target_status(target)
-        read_at = time.time()
-        report = selectors.status_report(status.target, status.applied, status.error)
+        readings.append((target, *_read_live(target), time.time()))
+    observe_locks([(target, lock, error or "") for target, lock, _, error, _ in readings])
+    entries = {}
+    for target, _, applied, error, read_at in readings:
+        report = selectors.status_report(target, applied, error)
         entries[target.pk] = {
             "read_at": read_at,
             "read_at_text": dt.datetime.fromtimestamp(read_at, dt.UTC).isoformat(),

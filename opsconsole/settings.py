@@ -217,14 +217,15 @@ CELERY_BEAT_SCHEDULE = {
 TARGET_CONNECT_TIMEOUT = env.int("TARGET_CONNECT_TIMEOUT", default=5)
 # Upper bound for any single statement the console runs on a target while reading or unlocking.
 TARGET_STATEMENT_TIMEOUT = env.int("TARGET_STATEMENT_TIMEOUT", default=10)
-# Keep PostgreSQL target connections open for reuse by every read and operation (each process
-# keeps at most 8, none idle over 60 s or older than 5 min; before reuse each is checked alive
-# and its session reset with DISCARD ALL, so nothing a migration SET is carried over).
+# Keep PostgreSQL target connections open for reuse by every read and operation (none idle
+# over 60 s or older than 5 min; before reuse each is checked alive, and its session is reset
+# with DISCARD ALL after a migration's own SQL ran on it, so nothing it SET is carried over).
 # False: connect every time.
 TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
-# How many kept target connections each process keeps idle at most: about the number of
-# PostgreSQL targets it reads often (the status API and beat read every target).
-TARGET_KEEP_CONNECTIONS_MAX = env.int("TARGET_KEEP_CONNECTIONS_MAX", default=8)
+# How many kept target connections each process keeps idle at most: at least the number of
+# PostgreSQL targets, since the status API reads every target every STATUS_MAX_AGE seconds
+# (with fewer, each of those reads opens a connection: a new server process on the target).
+TARGET_KEEP_CONNECTIONS_MAX = env.int("TARGET_KEEP_CONNECTIONS_MAX", default=64)
 # Seconds an application's health URL (Target.health_url) has to answer an incident's checks.
 HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=5)
 # Target connection URLs are stored encrypted (Fernet) with these keys: the first encrypts,

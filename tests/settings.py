@@ -21,3 +21,6 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 TARGET_CONNECT_TIMEOUT = 3
 # A queue of this test run's own, so a real worker started by the tests takes only its tasks.
 CELERY_TASK_DEFAULT_QUEUE = f"opsconsole-test-{os.getpid()}"
+# Nearly every test reads a target of its own: a process-wide pool as large as production's
+# would only pile up idle sessions on the shared test server.
+TARGET_KEEP_CONNECTIONS_MAX = 8

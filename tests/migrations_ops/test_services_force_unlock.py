@@ -4,6 +4,8 @@ import datetime as dt
 import time
 
 import pytest
+from django.db import connection as console_connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from migrations_ops import services
@@ -314,6 +316,29 @@ def test_a_free_lock_is_remembered_as_read(any_target):
         assert (seen.held, seen.rows, seen.holder, seen.locked_at) == (False, [], "", None)
         assert (seen.first_seen_held_at, seen.error) == (None, "")
     assert observation.observed_at == stored.observed_at
+
+
+def test_reading_every_target_writes_their_free_locks_in_one_update(pg_target, sqlite_target):
+    pg_target.create_runbook_books()
+    sqlite_target.create_knex_books(locked=True)
+    free = [TargetFactory(db=pg_target, name=f"orders-{n}") for n in range(5)]
+    held = TargetFactory(db=sqlite_target, name="billing", convention="knex")
+    assert services.observe_targets() == 6  # first readings: each row written on its own
+    first_seen = LockObservation.objects.get(target=held).first_seen_held_at
+    before = dict(LockObservation.objects.values_list("target_id", "observed_at"))
+
+    with CaptureQueriesContext(console_connection) as queries:
+        assert services.observe_targets() == 6
+    updates = [q["sql"] for q in queries if q["sql"].startswith('UPDATE "migrations_ops_lock')]
+    assert len(updates) == 2  # the five free locks at once, the held one on its own
+
+    for target in free:
+        seen = LockObservation.objects.get(target=target)
+        assert (seen.held, seen.rows, seen.holder, seen.error) == (False, [], "", "")
+        assert seen.observed_at > before[target.pk]
+    stored = LockObservation.objects.get(target=held)
+    assert (stored.held, stored.first_seen_held_at) == (True, first_seen)
+    assert stored.observed_at > before[held.pk]
 
 
 def test_register_target_validates_and_records(engineer):
