@@ -28,17 +28,7 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.db import connection as console_connection
-from django.db.models import (
-    BooleanField,
-    Case,
-    DateTimeField,
-    ExpressionWrapper,
-    F,
-    Max,
-    Q,
-    Value,
-    When,
-)
+from django.db.models import Case, DateTimeField, F, Max, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -1307,15 +1297,18 @@ def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScri
 
 
 def script_summaries(target: Target) -> list[engine.plan.ScriptSummary]:
-    """The target's stored scripts without their SQL, in version order: what planning needs.
-    (Their SQL, loaded for every one of hundreds of scripts, would cost milliseconds each.)"""
+    """The target's stored scripts in version order, as planning needs them: without their up
+    SQL and statement lists, which for hundreds of scripts would cost milliseconds a request."""
     rows = (
         MigrationScript.objects.filter(target=target)
         .order_by("version")
-        .annotate(has_down_sql=ExpressionWrapper(~Q(down_sql=""), output_field=BooleanField()))
-        .values_list("version", "name", "filename", "checksum", "has_down_sql")
+        .values_list("version", "name", "filename", "checksum", "down_sql")
     )
-    return [engine.plan.ScriptSummary(*row) for row in rows]
+    # The down SQL is a few lines where the rest is not: the up SQL and both statement lists.
+    return [
+        engine.plan.ScriptSummary(version, name, filename, checksum, bool(down.strip()))
+        for version, name, filename, checksum, down in rows
+    ]
 
 
 def engine_scripts(
