@@ -422,31 +422,40 @@ def observe_lock(
 
 def observe_locks(readings: list[tuple[Target, engine.LockState | None, str]]) -> None:
     """``observe_lock`` for many targets read one after the other (each with its
-    ``lock_observation`` loaded): the free locks whose rows read the same -- most of them,
-    most of the time -- in a single UPDATE; the others, and a target's first reading, each
-    on its own."""
+    ``lock_observation`` loaded): the free locks that read the same -- most of them, most of
+    the time -- in a single UPDATE; the others, and a target's first reading, each on its
+    own."""
     now = timezone.now()
-    free: dict[str, list[Target]] = {}
+    free: dict[str, tuple[dict, list[Target]]] = {}
     for target, lock, error in readings:
         if lock is None or lock.held or selectors.observation_of(target) is None:
             observe_lock(target, lock, error=error)
-        else:
-            rows = json.dumps(lock.rows, sort_keys=True, cls=DjangoJSONEncoder)
-            free.setdefault(rows, []).append(target)
-    for rows, targets in free.items():
-        changes = {
-            "held": False,
-            "rows": json.loads(rows),
-            "holder": "",
-            "locked_at": None,
-            "error": "",
-            "first_seen_held_at": None,
-            "observed_at": now,
-        }
+            continue
+        changes = _observed(lock, error, now)
+        key = json.dumps(changes, sort_keys=True, cls=DjangoJSONEncoder)
+        free.setdefault(key, (changes, []))[1].append(target)
+    for changes, targets in free.values():
         LockObservation.objects.filter(target__in=targets).update(**changes)
         for target in targets:
             for name, value in changes.items():
                 setattr(target.lock_observation, name, value)
+
+
+def _observed(lock: engine.LockState | None, error: str, now: dt.datetime) -> dict:
+    """The observation's fields as a read at ``now`` found them (a held lock's first-seen
+    time is the row's to keep, see ``_record_observation``); ``lock`` None: the read failed
+    with ``error``."""
+    if lock is None:
+        return {"held": None, "first_seen_held_at": None, "error": error, "observed_at": now}
+    return {
+        "held": lock.held,
+        "rows": lock.rows,
+        "holder": lock.holder or "",
+        "locked_at": lock.locked_at,
+        "error": "",
+        "first_seen_held_at": now if lock.held else None,
+        "observed_at": now,
+    }
 
 
 def _record_observation(
@@ -457,22 +466,9 @@ def _record_observation(
     the caller's). Returns the row's fields when the read alone decides them all (a free
     lock), else None: what a held lock's clock or a failed read keeps is in the row."""
     now = timezone.now()
-    if lock is None:
-        changes = {"held": None, "first_seen_held_at": None, "error": error}
-        first_seen = None
-    else:
-        first_seen = now if lock.held else None
-        changes = {
-            "held": lock.held,
-            "rows": lock.rows,
-            "holder": lock.holder or "",
-            "locked_at": lock.locked_at,
-            "error": "",
-            "first_seen_held_at": first_seen,
-        }
-    changes["observed_at"] = now
+    changes = _observed(lock, error, now)
     update = changes
-    if first_seen is not None:
+    if changes["first_seen_held_at"] is not None:
         update = changes | {
             "first_seen_held_at": Case(
                 When(
