@@ -2,9 +2,10 @@
 
 The shape every run keeps: take the target's own migration lock (committed, so the
 application's migrator waits), run the SQL and update the books in ONE transaction with
-``lock_timeout`` and ``statement_timeout`` set, then release the lock. A failure rolls the
-transaction back, so the target is exactly as before; a dry run rolls back on purpose after
-measuring what changed.
+``lock_timeout`` and ``statement_timeout`` set, and release the lock in that same transaction,
+so the lock comes free at the very moment the migration commits. A failure rolls the
+transaction back, so the target is exactly as before, and the lock is then released on its
+own; a dry run rolls back on purpose after measuring what changed.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def run(
                 connection, convention, steps[0], settings, report, log, check_books
             )
     finally:
-        report.lock_after = _release(connection, convention, settings.holder, log)
+        if report.lock_after is None:  # not released with a committed migration
+            report.lock_after = _release(connection, convention, settings.holder, log)
     return report
 
 
@@ -255,6 +257,7 @@ def _run_in_transaction(
                 after = catalog.snapshot(connection)
                 report.changes = [change.as_dict() for change in catalog.diff(before, after)]
                 raise _DryRunDone
+            lock_after = _release_in_transaction(connection, convention, settings.holder, report)
     except _DryRunDone:
         log("dry run: rolled back; the target is unchanged")
         return
@@ -262,7 +265,21 @@ def _run_in_transaction(
         log("rolled back: the target is exactly as before")
         raise
     report.committed = True
-    log("committed")
+    report.lock_after = lock_after
+    log("committed; released the migration lock with it")
+
+
+def _release_in_transaction(
+    connection: TargetConnection, convention: Convention, holder: str, report: RunReport
+) -> LockState:
+    """Release the lock as the migration's last statement: one commit makes both visible,
+    so no other migrator can see the migration done and the lock still held."""
+    try:
+        return convention.release_own_lock(connection, holder)
+    except (psycopg.Error, sqlite3.Error) as error:
+        raise StatementFailed(
+            f"releasing the migration lock failed: {one_line(error)}; all rolled back", report
+        ) from None
 
 
 def _run_statement_by_statement(

@@ -210,7 +210,27 @@ def test_apply_several_pending_migrations_in_one_transaction(books):
         f"recorded {orders.filename} as applied",
     ]
     assert lines[0] == "took the migration lock (attempt 1)"
-    assert lines[-2:] == ["committed", "released the migration lock"]
+    assert lines[-1] == "committed; released the migration lock with it"
+
+
+def test_the_lock_is_released_in_the_migrations_own_transaction(books):
+    # A migration that renames the lock table away leaves the release nothing to release: the
+    # release is part of the migration's transaction, so the whole migration is rolled back
+    # with it, and the lock is then released from the table as it was.
+    lock_table = "migration_lock" if books.name == "runbook" else "knex_migrations_lock"
+    renames = dbmate(
+        "20240303000000_rename_lock.sql",
+        f"CREATE TABLE audit_log (id integer);\nALTER TABLE {lock_table} RENAME TO moved_lock;",
+    )
+    before = books.state()
+
+    with pytest.raises(
+        StatementFailed, match=r"^releasing the migration lock failed: .*all rolled back"
+    ):
+        books.run(up(renames))
+
+    assert books.state() == before
+    assert not books.lock_held()
 
 
 def test_nothing_to_run_is_refused(books):
