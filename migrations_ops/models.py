@@ -366,6 +366,10 @@ class Operation(models.Model):
         ]
         permissions = [("approve_operation", "Can approve or reject operations (two-person rule)")]
 
+    # Not a field: the target's lock as a run left it, recorded as its lock observation in
+    # the transaction that ends the operation (services._finish), not in a commit of its own.
+    lock_after = None
+
     def __str__(self) -> str:
         return f"#{self.pk} {self.get_kind_display()} on {self.target.name} ({self.status})"
 

@@ -944,6 +944,8 @@ def _finish(
         # The operation as claimed, with its target, is all the rest needs: no read back. The
         # UPDATE locks the row until the commit, so the heartbeat skips its beats meanwhile.
         operation.save(update_fields=["status", "finished_at", "result", "error", "log"])
+        if operation.lock_after is not None:
+            observe_lock(operation.target, operation.lock_after)
         record_audit_event(
             Actor.worker(operation.worker),
             f"operation.{status}",
@@ -1638,7 +1640,7 @@ def _run_steps(operation: Operation, steps, check_books, log: list[str]) -> dict
         lock = report.lock_after
         if lock is None:  # the release failed: see what it left
             lock = convention.read_lock(connection, check_tables=False)
-    observe_lock(target, lock)
+    operation.lock_after = lock
     return report.as_dict()
 
 

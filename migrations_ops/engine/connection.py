@@ -183,16 +183,30 @@ class TargetConnection:
             raise
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """A write transaction. On SQLite it takes the write lock up front (BEGIN IMMEDIATE), so
-        what is read inside cannot change before it is written."""
+    def transaction(self, *, timeout_seconds: float | None = None) -> Iterator[None]:
+        """A write transaction; with ``timeout_seconds``, every statement in it (and on
+        PostgreSQL every wait for a lock) is bounded by that. On SQLite it takes the write lock
+        up front (BEGIN IMMEDIATE), so what is read inside cannot change before it is written."""
         if self.dialect == "postgresql":
-            with self.raw.transaction():
+            begin = "BEGIN"
+            if timeout_seconds is not None:
+                milliseconds = max(1, int(timeout_seconds * 1000))
+                begin += (
+                    f"; SET LOCAL statement_timeout = {milliseconds}"
+                    f"; SET LOCAL lock_timeout = {milliseconds}"
+                )
+            self.raw.execute(begin)  # no parameters: one round trip for all of it
+            try:
                 yield
+            except BaseException:
+                self._roll_back_postgresql()
+                raise
+            self.raw.execute("COMMIT")
             return
         self.raw.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            with self.interrupted_after(timeout_seconds):
+                yield
         except BaseException:
             # SQLite rolls some failures back by itself (an interrupted statement, ON CONFLICT
             # ROLLBACK): a second ROLLBACK would fail and hide the error that caused it.
@@ -200,6 +214,29 @@ class TargetConnection:
                 self.raw.execute("ROLLBACK")
             raise
         self.raw.execute("COMMIT")
+
+    def _roll_back_postgresql(self) -> None:
+        """End a failed transaction; a connection that cannot is closed, never lent again
+        with a transaction open (the error that caused it is the one to report)."""
+        if self.raw.closed or self.raw.info.transaction_status == pq.TransactionStatus.IDLE:
+            return
+        try:
+            self.raw.execute("ROLLBACK")
+        except psycopg.Error:
+            self.close()
+
+    @contextlib.contextmanager
+    def interrupted_after(self, seconds: float | None) -> Iterator[None]:
+        """SQLite has no statement timeout: interrupt whatever still runs past the deadline."""
+        if seconds is None:
+            yield
+            return
+        deadline = time.monotonic() + seconds
+        self.raw.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            yield
+        finally:
+            self.raw.set_progress_handler(None, 0)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

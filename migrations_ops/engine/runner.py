@@ -243,7 +243,7 @@ def _run_in_transaction(
     check_books: BooksCheck | None,
 ) -> None:
     try:
-        with connection.transaction(), _bounded(connection, settings.statement_timeout_seconds):
+        with connection.transaction(timeout_seconds=settings.statement_timeout_seconds):
             _check_books(connection, convention, check_books)
             # Only a dry run measures its effects: two catalog reads cost more than a small
             # migration, and would hold its table locks longer on a real run.
@@ -293,7 +293,7 @@ def _run_statement_by_statement(
 ) -> None:
     _check_books(connection, convention, check_books)
     log(f"{step.script.filename}: running statement by statement, outside a transaction")
-    with _bounded(connection, settings.statement_timeout_seconds, in_transaction=False):
+    with _bounded_session(connection, settings.statement_timeout_seconds):
         _run_statements(connection, step, report, log, outside_transaction=True)
     now = dt.datetime.now(dt.UTC)
     with connection.transaction():
@@ -365,26 +365,20 @@ def _keep_books(
 
 
 @contextlib.contextmanager
-def _bounded(connection: TargetConnection, seconds: float, *, in_transaction: bool = True):
-    """Bound every statement (and every wait for a row lock) of the transaction."""
-    milliseconds = max(1, int(seconds * 1000))
-    if connection.dialect == "postgresql":
-        if not in_transaction:  # set for the session: undone before the connection's next use
-            connection.session_changed = True
-        # SET [LOCAL] of both in one round trip; outside a transaction, for the session.
-        connection.execute(
-            "SELECT set_config('statement_timeout', %s, %s), set_config('lock_timeout', %s, %s)",
-            [str(milliseconds), in_transaction, str(milliseconds), in_transaction],
-        )
-        yield
+def _bounded_session(connection: TargetConnection, seconds: float):
+    """Bound every statement run outside a transaction (and every wait for a lock) by
+    ``seconds``; in a transaction, ``connection.transaction(timeout_seconds=...)`` does it."""
+    if connection.dialect != "postgresql":
+        with connection.interrupted_after(seconds):
+            yield
         return
-    # SQLite has no statement timeout: interrupt whatever still runs past the deadline.
-    deadline = time.monotonic() + seconds
-    connection.raw.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
-    try:
-        yield
-    finally:
-        connection.raw.set_progress_handler(None, 0)
+    connection.session_changed = True  # set for the session: undone before its next use
+    milliseconds = max(1, int(seconds * 1000))
+    connection.execute(
+        "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
+        [str(milliseconds), str(milliseconds)],
+    )
+    yield
 
 
 def mark(

@@ -257,6 +257,25 @@ def test_statement_timeout_bounds_a_postgresql_statement(pg_target):
     assert "\n" not in str(raised.value)
 
 
+def test_a_transactions_own_timeout_bounds_it_and_ends_with_it(pg_target):
+    with open_target(pg_target, statement_timeout=30) as conn:
+        with conn.transaction(timeout_seconds=0.5):
+            inside = conn.fetch_dicts(
+                "SELECT current_setting('statement_timeout') AS statement,"
+                " current_setting('lock_timeout') AS lock"
+            )
+        after = conn.fetch_dicts("SELECT current_setting('statement_timeout') AS statement")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled), conn.transaction(timeout_seconds=0.5):
+            conn.execute("SELECT pg_sleep(10)")
+        elapsed = time.monotonic() - started
+        state = conn.raw.info.transaction_status
+    assert inside == [{"statement": "500ms", "lock": "500ms"}]
+    assert after == [{"statement": "30s"}]
+    assert elapsed < 3, f"took {elapsed:.1f}s with a 0.5 s transaction timeout"
+    assert state == psycopg.pq.TransactionStatus.IDLE  # rolled back, ready for the next use
+
+
 def test_busy_sqlite_write_lock_is_waited_for_at_most_the_statement_timeout(sqlite_target):
     sqlite_target.create_runbook_books()
     blocker = sqlite3.connect(sqlite_target.path, isolation_level=None)
