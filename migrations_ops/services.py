@@ -35,7 +35,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from incidents.models import Incident, IncidentStatus
-from migrations_ops import audit_chain, engine, selectors
+from migrations_ops import audit_chain, engine, plain_rows, selectors
 from migrations_ops.actors import Actor
 from migrations_ops.fields import SecretKeyError
 from migrations_ops.models import (
@@ -813,30 +813,28 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
 def _claim(operation_id: int, worker: str) -> Operation | None:
     """Mark a queued operation running and load it with its target; None if it was not queued.
 
-    The claim and the load are one UPDATE ... RETURNING, then the target by its key, written
-    as SQL: through the ORM they cost an UPDATE, a SELECT joining the target, and the query
-    compiler's work on both -- more than a small migration's whole run on its target
+    The claim and the load are one UPDATE ... RETURNING, then the target by its key, in plain
+    SQL (``plain_rows``): through the ORM they cost an UPDATE, a SELECT joining the target, and
+    the query compiler's work on both -- more than a small migration's whole run on its target
     (bench/rollback_overhead.py)."""
-    quote = console_connection.ops.quote_name
-    column = {name: quote(Operation._meta.get_field(name).column) for name in _CLAIMED_FIELDS}
+    column = {name: plain_rows.quoted(Operation, name) for name in _CLAIMED_FIELDS}
     now = Operation._meta.get_field("started_at").get_db_prep_value(
         timezone.now(), console_connection
     )
-    claimed = list(
-        Operation.objects.raw(
-            f"UPDATE {quote(Operation._meta.db_table)} SET {column['status']} = %s, "  # noqa: S608 (quoted names)
+    with console_connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {plain_rows.quoted(Operation)} SET {column['status']} = %s, "  # noqa: S608 (quoted names)
             f"{column['started_at']} = %s, {column['heartbeat_at']} = %s, {column['worker']} = %s "
-            f"WHERE {column['id']} = %s AND {column['status']} = %s RETURNING *",
+            f"WHERE {column['id']} = %s AND {column['status']} = %s "
+            f"RETURNING {plain_rows.columns(Operation)}",
             [OperationStatus.RUNNING, now, now, worker, operation_id, OperationStatus.QUEUED],
         )
-    )
-    if not claimed:
+        claimed = cursor.fetchone()
+    if claimed is None:
         return None
-    (operation,) = claimed
-    target_table, target_key = quote(Target._meta.db_table), quote(Target._meta.pk.column)
-    (operation.target,) = Target.objects.raw(
-        f"SELECT * FROM {target_table} WHERE {target_key} = %s",  # noqa: S608 (quoted names)
-        [operation.target_id],
+    operation = plain_rows.instance(Operation, claimed)
+    (operation.target,) = plain_rows.instances(
+        Target, f"{plain_rows.quoted(Target, 'id')} = %s", [operation.target_id]
     )
     return operation
 
@@ -1297,16 +1295,28 @@ def _script_row(target: Target, script: engine.MigrationScript) -> MigrationScri
 def script_summaries(target: Target) -> list[engine.plan.ScriptSummary]:
     """The target's stored scripts in version order, as planning needs them: without their up
     SQL and statement lists, which for hundreds of scripts would cost milliseconds a request."""
-    rows = (
-        MigrationScript.objects.filter(target=target)
-        .order_by("version")
-        .values_list("version", "name", "filename", "checksum", "down_sql")
-    )
     # The down SQL is a few lines where the rest is not: the up SQL and both statement lists.
     return [
         engine.plan.ScriptSummary(version, name, filename, checksum, bool(down.strip()))
-        for version, name, filename, checksum, down in rows
+        for version, name, filename, checksum, down in _script_rows(
+            target, ("version", "name", "filename", "checksum", "down_sql"), None
+        )
     ]
+
+
+_ENGINE_SCRIPT_FIELDS = (
+    "version",
+    "name",
+    "filename",
+    "layout",
+    "up_sql",
+    "down_sql",
+    "up_statements",
+    "down_statements",
+    "transactional",
+    "needs_no_transaction",
+    "checksum",
+)
 
 
 def engine_scripts(
@@ -1314,14 +1324,9 @@ def engine_scripts(
 ) -> list[engine.MigrationScript]:
     """The target's stored scripts in the engine's own shape, SQL included; only those of
     ``versions`` if given (plan with ``script_summaries``, then load what was chosen)."""
-    rows = MigrationScript.objects.filter(target=target)
-    if versions is not None:
-        rows = rows.filter(version__in=versions)
-    # Plain values, not model instances: the engine's objects are all that is needed.
-    fields = ("version", "name", "filename", "layout", "up_sql", "down_sql", "up_statements")
-    fields += ("down_statements", "transactional", "needs_no_transaction", "checksum")
     scripts = []
-    for row in rows.order_by("version").values(*fields):
+    for values in _script_rows(target, _ENGINE_SCRIPT_FIELDS, versions):
+        row = dict(zip(_ENGINE_SCRIPT_FIELDS, values, strict=True))
         up, down = row.pop("up_statements"), row.pop("down_statements")
         outside = row.pop("needs_no_transaction")
         scripts.append(
@@ -1333,6 +1338,21 @@ def engine_scripts(
             )
         )
     return scripts
+
+
+def _script_rows(
+    target: Target, fields: Sequence[str], versions: Sequence[str] | None
+) -> list[tuple]:
+    """``fields`` of the target's scripts (those of ``versions`` if given), in version order:
+    read on every request and run, so in plain SQL (``plain_rows``)."""
+    version = plain_rows.quoted(MigrationScript, "version")
+    where, params = f"{plain_rows.quoted(MigrationScript, 'target')} = %s", [target.pk]
+    if versions is not None:
+        if not versions:
+            return []
+        where += f" AND {version} IN ({', '.join(['%s'] * len(versions))})"
+        params += list(versions)
+    return plain_rows.select(MigrationScript, fields, f"{where} ORDER BY {version}", params)
 
 
 # --- migration operations ----------------------------------------------------------------------

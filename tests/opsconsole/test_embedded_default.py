@@ -71,6 +71,18 @@ def test_demo_lock_can_be_seen_and_released_on_the_embedded_default(manage):
     )
     assert "lock: free" in manage("ops", "status", "--target", "orders-demo").stdout
 
+    # A rollback and the apply after it: operations claimed, run and finished on SQLite.
+    rolled_back = manage(
+        "ops", "rollback", "--target", "orders-demo", "--reason", "bad index"
+    ).stdout
+    assert re.search(r"operation #\d+ succeeded\n.*line 5: DROP INDEX orders_customer", rolled_back)
+    assert "books: removed 003_add_orders_customer_index.sql from the books" in rolled_back
+    applied = manage("ops", "up", "--target", "orders-demo", "--reason", "fixed").stdout
+    assert "books: recorded 003_add_orders_customer_index.sql as applied" in applied
+    assert "books: recorded 004_add_orders_status.sql as applied" in applied
+    verified = manage("ops", "verify", "--target", "orders-demo").stdout
+    assert "orders-demo: 4 applied, 4 script(s), 0 problem(s)" in verified
+
     again = manage("ops", "unlock", "--target", "orders-demo", "--reason", "again", check=False)
     assert again.returncode == 1
     assert again.stderr.strip() == (
