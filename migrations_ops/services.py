@@ -435,7 +435,7 @@ def observe_locks(readings: list[tuple[Target, engine.LockState | None, str]]) -
         key = json.dumps(changes, sort_keys=True, cls=DjangoJSONEncoder)
         free.setdefault(key, (changes, []))[1].append(target)
     for changes, targets in free.values():
-        LockObservation.objects.filter(target__in=targets).update(**changes)
+        _write_observations([target.pk for target in targets], changes)
         for target in targets:
             for name, value in changes.items():
                 setattr(target.lock_observation, name, value)
@@ -480,14 +480,27 @@ def _record_observation(
                 default=Value(now, output_field=DateTimeField()),
             )
         }
-    observations = LockObservation.objects.filter(target=target)
-    if not observations.update(**update):
+
+    def write() -> int:
+        if update is changes:  # decided by the read alone, as most reads are: plain SQL
+            return _write_observations([target.pk], changes)
+        return LockObservation.objects.filter(target=target).update(**update)
+
+    if not write():
         try:
             with transaction.atomic():  # the target's first read
                 LockObservation.objects.create(target=target, **changes)
         except IntegrityError:  # another reader's first read came first
-            observations.update(**update)
+            write()
     return {"target": target, **changes} if lock is not None and not lock.held else None
+
+
+def _write_observations(target_ids: list[int], changes: dict) -> int:
+    """Write ``changes`` on the observations of ``target_ids``: once for every status read
+    and run, so in plain SQL (``plain_rows``). Returns how many rows were written."""
+    marks = ", ".join(["%s"] * len(target_ids))
+    where = f"{plain_rows.quoted(LockObservation, 'target')} IN ({marks})"
+    return plain_rows.update(LockObservation, changes, where, target_ids)
 
 
 # --- operations --------------------------------------------------------------------------------
