@@ -19,9 +19,9 @@ Every round re-applies the migration directly with psycopg (its up SQL and the I
     called in this process: the request's live read of the books and the lock, the Operation
     and AuditEvent rows, and the whole run (claim, target connection -- a kept one, whose
     session is reset before it is lent after a migration's SQL ran on it, i.e. once a round --,
-    lock taken and committed, the transaction with the books read again under the lock, lock
-    release, the lock observation, finish); a real run takes no catalog snapshots (only dry runs
-    report changes);
+    lock taken and committed, the transaction with the books read again under the lock and
+    the lock released in it, the finish with the lock observation); a real run takes no catalog
+    snapshots (only dry runs report changes);
 (b) direct: on a kept psycopg connection, ``BEGIN; DROP INDEX orders_customer_idx;
     DELETE FROM migrations WHERE filename = '001_orders_customer_index.sql'; COMMIT``
     (the same down SQL, taken from the imported script, and the same DELETE the console runs);
@@ -344,12 +344,13 @@ class PhaseTimer:
         wrap(services, "request_rollback", "request_rollback()")
         wrap(services, "read_target_status", "live read of lock + books")
         wrap(services, "observe_lock", "observe_lock (one UPDATE)")
+        wrap(services, "_claim", "_claim (UPDATE ... RETURNING, the target)")
         wrap(services, "script_summaries", "script_summaries (scripts without SQL)")
         wrap(services, "engine_scripts", "engine_scripts (the chosen script)")
         wrap(services, "_create_operation", "Operation + AuditEvent insert, commit")
         wrap(services, "send_operation", "on_commit: publish to the broker (Redis)")
         wrap(services, "execute_operation", "execute_operation()")
-        wrap(services, "_finish", "_finish (Operation update + AuditEvent, commit)")
+        wrap(services, "_finish", "_finish (Operation + observation update, AuditEvent, commit)")
         wrap(engine_connection, "_reset", "reset the kept connection (DISCARD ALL)")
         wrap(engine_connection, "_connect_postgresql", "NEW target connection")
         wrap(engine_connection.TargetConnection, "close", "close target connection")
@@ -363,7 +364,8 @@ class PhaseTimer:
         wrap(runner, "_run_in_transaction", "the migration transaction")
         wrap(runner, "_run_statements", "down SQL (DROP INDEX)")
         wrap(runner, "_keep_books", "books: DELETE FROM migrations")
-        wrap(runner, "_release", "release the lock")
+        wrap(runner, "_release_in_transaction", "release the lock (in the transaction)")
+        wrap(runner, "_release", "release the lock (on its own)")
         wrap(catalog, "snapshot", "catalog.snapshot (change report)")
         wrap(catalog, "diff", "catalog.diff")
         runners, kind = services.RUNNERS, OperationKind.ROLLBACK
@@ -395,8 +397,8 @@ class PhaseTimer:
         timer = self
 
         @contextlib.contextmanager
-        def transaction(connection):
-            manager = original(connection)
+        def transaction(connection, **options):
+            manager = original(connection, **options)
             with timer.span("target BEGIN"):
                 manager.__enter__()
             try:

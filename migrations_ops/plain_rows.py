@@ -1,4 +1,4 @@
-"""Model rows read, claimed and updated with plain SQL, for the statements every operation runs.
+"""Model rows read, inserted and updated with plain SQL, for the statements every operation runs.
 
 On an operation's path (request, claim, run, finish) the ORM's query compiling and row building
 cost more than the small queries themselves: measured by bench/rollback_overhead.py, loading one
@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Model
 
 Converter = Callable[[Any, Any, Any], Any]
@@ -58,6 +58,28 @@ def instance(model: type[Model], row: Sequence[Any]) -> Model:
     fields = model._meta.concrete_fields
     values = convert(model, [field.name for field in fields], row)
     return model.from_db(connection.alias, [field.attname for field in fields], values)
+
+
+def insert(instance: Model, *, using: str = DEFAULT_DB_ALIAS) -> Model:
+    """Insert ``instance`` as ``Model.save()`` would a new row (fields' ``pre_save`` and
+    conversions; its key from the database), without the model's signals."""
+    database = connections[using]
+    meta = instance._meta
+    fields = [
+        field for field in meta.concrete_fields if not (field.primary_key and instance.pk is None)
+    ]
+    quote = database.ops.quote_name
+    values = [field.get_db_prep_save(field.pre_save(instance, True), database) for field in fields]
+    with database.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608 (quoted names)
+            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}",
+            values,
+        )
+        instance.pk = cursor.fetchone()[0]
+    instance._state.adding = False
+    instance._state.db = using
+    return instance
 
 
 def update(model: type[Model], values: dict[str, Any], where: str, params: Sequence[Any]) -> int:

@@ -67,3 +67,29 @@ def test_claim_returns_the_operation_as_stored_with_its_target(target):
     assert claimed.params == stored.params and claimed.requested_at == stored.requested_at
     assert claimed.target.name == "orders"
     assert services._claim(requested.pk, "worker-2") is None  # claimed once only
+
+
+def test_insert_and_update_write_what_the_orm_reads_back(target):
+    operation = Operation(
+        kind="verify",
+        target=target,
+        requested_by_name="ops",
+        door="cli",
+        reason="check",
+        params={"dry_run": False, "versions": ["001"]},
+    )
+
+    plain_rows.insert(operation)
+    plain_rows.update(
+        Operation,
+        {"status": "failed", "result": {"ok": False}, "error": "boom"},
+        f"{plain_rows.quoted(Operation, 'id')} = %s",
+        [operation.pk],
+    )
+
+    stored = Operation.objects.get(pk=operation.pk)
+    assert operation._state.adding is False and operation.pk == stored.pk
+    assert (stored.status, stored.result, stored.error) == ("failed", {"ok": False}, "boom")
+    assert stored.params == {"dry_run": False, "versions": ["001"]}
+    assert stored.requested_at == operation.requested_at
+    assert (stored.reason, stored.target_id) == ("check", target.pk)
