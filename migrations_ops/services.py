@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -581,8 +581,10 @@ def _create_operation(
     reason: str,
     params: dict,
     incident: Incident | None = None,
+    books: LiveBooks | None = None,
 ) -> Operation:
-    """Write the operation and its audit event; ``incident``: the one it serves, if any."""
+    """Write the operation and its audit event; ``incident``: the one it serves, if any;
+    ``books``: the request's live read, whose lock observation is written with them."""
     awaiting = needs_approval(actor, target, kind, params)
     operation = Operation(
         kind=kind,
@@ -596,10 +598,17 @@ def _create_operation(
         incident=incident,
         log=_log_line(f"requested by {actor.name} via {actor.door}: {reason}"),
     )
+    observing = books is not None and books.observation is None
+    written = False
     try:
         with transaction.atomic():
             _refuse_closed_incident(incident)
             plain_rows.insert(operation)  # on every request: spare the ORM's insert machinery
+            if observing:
+                # After the insert, as _finish writes it after its update: a request waiting on
+                # a finishing operation's row (the one-active-operation key) holds no
+                # observation that operation's end needs.
+                books.observe()
             record_audit_event(
                 actor,
                 "operation.requested",
@@ -616,6 +625,7 @@ def _create_operation(
             _note_on_incidents(operation)
             if not awaiting:
                 transaction.on_commit(partial(send_operation, operation.pk))
+        written = True
     except IntegrityError:
         active = (
             Operation.objects.filter(target=target, status__in=ACTIVE_STATUSES)
@@ -629,6 +639,9 @@ def _create_operation(
             f"in progress on {target.name}: wait for it to finish",
             operation_id=active.pk,
         ) from None
+    finally:
+        if observing and not written:
+            books.observation = None  # rolled back with the rest: _live_books writes it alone
     return operation
 
 
@@ -1387,24 +1400,50 @@ def _require_confirmation(target: Target, confirm_name: str | None, what: str) -
         raise InvalidRequest(f"{target.name} is a production target: type its name to {what}")
 
 
-def _live_books(
-    target: Target, *, refuse_stale_lock: bool = False
-) -> list[engine.AppliedMigration]:
-    status = read_target_status(target)
-    if status.error:
-        raise TargetUnavailable(f"{target.name}: {status.error}")
-    observation = status.observation
-    if (
-        refuse_stale_lock
-        and observation.state(timezone.now(), target.lock_timeout) == LockState.STALE
-    ):
+@dataclass
+class LiveBooks:
+    """A request's live read of a target: its books, and the lock observation still to write
+    (``observation`` None until written)."""
+
+    target: Target
+    applied: list[engine.AppliedMigration]
+    lock: engine.LockState
+    observation: LockObservation | None = None
+
+    def observe(self) -> None:
+        """Write the lock observation (in the caller's transaction, if any)."""
+        self.observation = observe_lock(self.target, self.lock)
+
+
+@contextlib.contextmanager
+def _live_books(target: Target, *, refuse_stale_lock: bool = False) -> Iterator[LiveBooks]:
+    """The target's books read live for a request. A free lock's observation is written with
+    the operation the request writes (``_create_operation``: one commit for both), or on its
+    own when the request stops before; a held lock's, and a failed read's, at once: the checks
+    here need its clock, and the operator's refusal must show what it saw."""
+    lock, applied, error = _read_live(target)
+    if error:
+        observe_lock(target, None, error=error)
+        raise TargetUnavailable(f"{target.name}: {error}")
+    books = LiveBooks(target, applied, lock)
+    if lock.held:
+        books.observe()
+        _refuse_stale(books.observation, target, refuse_stale_lock)
+    try:
+        yield books
+    finally:
+        if books.observation is None:
+            books.observe()
+
+
+def _refuse_stale(observation: LockObservation, target: Target, refuse: bool) -> None:
+    if refuse and observation.state(timezone.now(), target.lock_timeout) == LockState.STALE:
         holder = f" by {observation.holder}" if observation.holder else ""
         raise ServiceError(
             f"the migration lock of {target.name} is stale (held{holder} longer than its "
             f"{target.lock_timeout_seconds} s timeout): waiting will not free it; force-release "
             "it first"
         )
-    return status.applied
 
 
 def _no_scripts_hint(target: Target) -> str:
@@ -1444,27 +1483,30 @@ def request_apply(
     scripts = script_summaries(target)
     if not scripts:
         raise ServiceError(_no_scripts_hint(target))
-    applied = _live_books(target, refuse_stale_lock=True)
-    try:
-        chosen = engine.plan.pending(applied, scripts, to_version)
-    except engine.EngineError as error:
-        raise _plan_error(target, error) from None
-    if not chosen:
-        raise ServiceError(f"nothing to apply on {target.name}: every imported script is applied")
-    return _create_operation(
-        actor=actor,
-        target=target,
-        kind=OperationKind.APPLY,
-        reason=reason,
-        params={
-            "dry_run": dry_run,
-            "to_version": to_version,
-            "non_transactional": non_transactional,
-            "versions": [script.version for script in chosen],
-            "migrations": [script.filename for script in chosen],
-        },
-        incident=incident,
-    )
+    with _live_books(target, refuse_stale_lock=True) as books:
+        try:
+            chosen = engine.plan.pending(books.applied, scripts, to_version)
+        except engine.EngineError as error:
+            raise _plan_error(target, error) from None
+        if not chosen:
+            raise ServiceError(
+                f"nothing to apply on {target.name}: every imported script is applied"
+            )
+        return _create_operation(
+            actor=actor,
+            target=target,
+            kind=OperationKind.APPLY,
+            reason=reason,
+            params={
+                "dry_run": dry_run,
+                "to_version": to_version,
+                "non_transactional": non_transactional,
+                "versions": [script.version for script in chosen],
+                "migrations": [script.filename for script in chosen],
+            },
+            incident=incident,
+            books=books,
+        )
 
 
 def request_rollback(
@@ -1488,28 +1530,29 @@ def request_rollback(
         require_permission(actor, "migrations_ops.run_migrations", "roll back migrations")
         reason = _require_reason(reason, "roll back a migration")
         _require_confirmation(target, confirm_name, "confirm the rollback")
-    applied = _live_books(target, refuse_stale_lock=True)
-    try:
-        entry, script = engine.plan.rollback_choice(
-            applied, script_summaries(target), version, out_of_order=out_of_order
+    with _live_books(target, refuse_stale_lock=True) as books:
+        try:
+            entry, script = engine.plan.rollback_choice(
+                books.applied, script_summaries(target), version, out_of_order=out_of_order
+            )
+        except engine.EngineError as error:
+            raise _plan_error(target, error) from None
+        return _create_operation(
+            actor=actor,
+            target=target,
+            kind=OperationKind.ROLLBACK,
+            reason=reason,
+            params={
+                "dry_run": dry_run,
+                "version": script.version,
+                "book_name": entry.name,
+                "migration": script.filename,
+                "out_of_order": out_of_order,
+                "non_transactional": non_transactional,
+            },
+            incident=incident,
+            books=books,
         )
-    except engine.EngineError as error:
-        raise _plan_error(target, error) from None
-    return _create_operation(
-        actor=actor,
-        target=target,
-        kind=OperationKind.ROLLBACK,
-        reason=reason,
-        params={
-            "dry_run": dry_run,
-            "version": script.version,
-            "book_name": entry.name,
-            "migration": script.filename,
-            "out_of_order": out_of_order,
-            "non_transactional": non_transactional,
-        },
-        incident=incident,
-    )
 
 
 def request_mark(
@@ -1526,30 +1569,35 @@ def request_mark(
     require_permission(actor, "migrations_ops.fix_books", "fix the books")
     reason = _require_reason(reason, "fix the books")
     _require_confirmation(target, confirm_name, "confirm the change to its books")
-    books = _live_books(target)
-    if applied:
-        script = next(iter(engine_scripts(target, versions=[version])), None)
-        if script is None:
-            raise ServiceError(f"unknown version {version} for {target.name}: import it first")
-        if engine.plan.applied_for(script, books) is not None:
-            raise ServiceError(f"{script.filename} is already recorded as applied")
-        kind, params = OperationKind.MARK_APPLIED, {"book_name": script.filename}
-    else:
-        entry = next(
-            (e for e in books if engine.plan.version_of(e.name) == version or e.name == version),
-            None,
+    with _live_books(target) as books:
+        if applied:
+            script = next(iter(engine_scripts(target, versions=[version])), None)
+            if script is None:
+                raise ServiceError(f"unknown version {version} for {target.name}: import it first")
+            if engine.plan.applied_for(script, books.applied) is not None:
+                raise ServiceError(f"{script.filename} is already recorded as applied")
+            kind, params = OperationKind.MARK_APPLIED, {"book_name": script.filename}
+        else:
+            entry = next(
+                (
+                    e
+                    for e in books.applied
+                    if engine.plan.version_of(e.name) == version or e.name == version
+                ),
+                None,
+            )
+            if entry is None:
+                raise ServiceError(f"version {version} is not recorded as applied on {target.name}")
+            kind, params = OperationKind.MARK_ROLLED_BACK, {"book_name": entry.name}
+        return _create_operation(
+            actor=actor,
+            target=target,
+            kind=kind,
+            reason=reason,
+            params={"version": version, **params},
+            incident=incident,
+            books=books,
         )
-        if entry is None:
-            raise ServiceError(f"version {version} is not recorded as applied on {target.name}")
-        kind, params = OperationKind.MARK_ROLLED_BACK, {"book_name": entry.name}
-    return _create_operation(
-        actor=actor,
-        target=target,
-        kind=kind,
-        reason=reason,
-        params={"version": version, **params},
-        incident=incident,
-    )
 
 
 def request_verify(
@@ -1579,15 +1627,16 @@ def request_cleanup(
     require_permission(actor, "migrations_ops.cleanup_target", "clean up lock tables")
     reason = _require_reason(reason, "clean up the lock table")
     _require_confirmation(target, confirm_name, "confirm the cleanup")
-    _live_books(target)
-    return _create_operation(
-        actor=actor,
-        target=target,
-        kind=OperationKind.CLEANUP,
-        reason=reason,
-        params={},
-        incident=incident,
-    )
+    with _live_books(target) as books:
+        return _create_operation(
+            actor=actor,
+            target=target,
+            kind=OperationKind.CLEANUP,
+            reason=reason,
+            params={},
+            incident=incident,
+            books=books,
+        )
 
 
 # --- running them (in the task) ----------------------------------------------------------------
@@ -2116,7 +2165,8 @@ def _auto_pending(target: Target) -> list[str]:
     if not scripts:
         raise ServiceError(_no_scripts_hint(target))
     try:
-        return [s.filename for s in engine.plan.pending(_live_books(target), scripts)]
+        with _live_books(target) as books:
+            return [s.filename for s in engine.plan.pending(books.applied, scripts)]
     except engine.EngineError as error:
         raise _plan_error(target, error) from None
 

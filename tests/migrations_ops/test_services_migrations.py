@@ -16,6 +16,7 @@ from migrations_ops.models import (
     AuditEvent,
     Door,
     Environment,
+    LockObservation,
     MigrationScript,
     Operation,
     OperationStatus,
@@ -143,6 +144,32 @@ def test_nothing_to_apply_and_unknown_versions_are_refused(runbook_target):
     run(services.request_apply(actor=OPERATOR, target=runbook_target, reason="x"))
     with pytest.raises(services.ServiceError, match="nothing to apply"):
         services.request_apply(actor=OPERATOR, target=runbook_target, reason="x")
+
+
+def test_a_request_records_the_lock_it_saw_whether_it_goes_on_or_is_refused(runbook_target):
+    # The console last saw the lock held; it has been released since.
+    runbook_target.db.take_runbook_lock(locked_by="deploy-1")
+    services.read_target_status(runbook_target)
+    runbook_target.db.execute("DELETE FROM migration_lock")
+
+    with pytest.raises(services.ServiceError, match="unknown version 009"):
+        services.request_apply(actor=OPERATOR, target=runbook_target, reason="x", to_version="009")
+    refused = LockObservation.objects.get(target=runbook_target)
+
+    with CaptureQueriesContext(console_connection) as queries:
+        operation = services.request_apply(actor=OPERATOR, target=runbook_target, reason="x")
+    requested = LockObservation.objects.get(target=runbook_target)
+
+    assert (refused.held, refused.holder) == (False, "")
+    assert requested.held is False and requested.observed_at > refused.observed_at
+    # Written in the transaction that writes the operation: no commit of its own.
+    writes = [q["sql"] for q in queries.captured_queries if "lockobservation" in q["sql"]]
+    statements = [q["sql"] for q in queries.captured_queries]
+    assert len(writes) == 1
+    assert statements.index(writes[0]) > statements.index(
+        next(sql for sql in statements if sql.startswith('INSERT INTO "migrations_ops_operation"'))
+    )
+    assert Operation.objects.get(pk=operation.pk).status == OperationStatus.QUEUED
 
 
 def test_knex_targets_need_sql_scripts(sqlite_target):
