@@ -23,14 +23,28 @@ Converter = Callable[[Any, Any, Any], Any]
 
 def quoted(model: type[Model], name: str | None = None) -> str:
     """The model's table, or the column of its field ``name``, quoted for SQL."""
+    return _quoted(model, name, connection.vendor)
+
+
+def columns(model: type[Model], table: str | None = None) -> str:
+    """Every column of ``model`` (of ``table``, an alias, if given), in the order
+    ``instance`` takes them."""
+    return _columns(model, table, connection.vendor)
+
+
+@functools.cache
+def _quoted(model: type[Model], name: str | None, vendor: str) -> str:
     if name is None:
         return connection.ops.quote_name(model._meta.db_table)
     return connection.ops.quote_name(model._meta.get_field(name).column)
 
 
-def columns(model: type[Model]) -> str:
-    """Every column of ``model``, in the order ``instance`` takes them."""
-    return ", ".join(quoted(model, field.name) for field in model._meta.concrete_fields)
+@functools.cache
+def _columns(model: type[Model], table: str | None, vendor: str) -> str:
+    prefix = f"{connection.ops.quote_name(table)}." if table else ""
+    return ", ".join(
+        prefix + _quoted(model, field.name, vendor) for field in model._meta.concrete_fields
+    )
 
 
 def select(

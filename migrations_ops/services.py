@@ -839,29 +839,44 @@ def execute_operation(operation_id: int, *, worker: str = "") -> Operation | Non
 def _claim(operation_id: int, worker: str) -> Operation | None:
     """Mark a queued operation running and load it with its target; None if it was not queued.
 
-    The claim and the load are one UPDATE ... RETURNING, then the target by its key, in plain
-    SQL (``plain_rows``): through the ORM they cost an UPDATE, a SELECT joining the target, and
-    the query compiler's work on both -- more than a small migration's whole run on its target
-    (bench/rollback_overhead.py)."""
-    column = {name: plain_rows.quoted(Operation, name) for name in _CLAIMED_FIELDS}
+    One UPDATE ... RETURNING, joined to the target's row on PostgreSQL (SQLite cannot put an
+    UPDATE in a WITH: the target follows by its key), in plain SQL (``plain_rows``): through
+    the ORM they cost an UPDATE, a SELECT joining the target, and the query compiler's work on
+    both -- more than a small migration's whole run on its target (bench/rollback_overhead.py)."""
+    quoted = plain_rows.quoted
+    column = {name: quoted(Operation, name) for name in _CLAIMED_FIELDS}
     now = Operation._meta.get_field("started_at").get_db_prep_value(
         timezone.now(), console_connection
     )
+    query = (
+        f"UPDATE {quoted(Operation)} SET {column['status']} = %s, "  # noqa: S608 (quoted names)
+        f"{column['started_at']} = %s, {column['heartbeat_at']} = %s, {column['worker']} = %s "
+        f"WHERE {column['id']} = %s AND {column['status']} = %s "
+        f"RETURNING {plain_rows.columns(Operation)}"
+    )
+    joined = console_connection.vendor == "postgresql"
+    if joined:
+        query = (
+            f"WITH claimed AS ({query}) SELECT claimed.*, {plain_rows.columns(Target, 'target')} "  # noqa: S608 (quoted names)
+            f"FROM claimed JOIN {quoted(Target)} AS target "
+            f"ON target.{quoted(Target, 'id')} = claimed.{quoted(Operation, 'target')}"
+        )
     with console_connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {plain_rows.quoted(Operation)} SET {column['status']} = %s, "  # noqa: S608 (quoted names)
-            f"{column['started_at']} = %s, {column['heartbeat_at']} = %s, {column['worker']} = %s "
-            f"WHERE {column['id']} = %s AND {column['status']} = %s "
-            f"RETURNING {plain_rows.columns(Operation)}",
+            query,
             [OperationStatus.RUNNING, now, now, worker, operation_id, OperationStatus.QUEUED],
         )
         claimed = cursor.fetchone()
     if claimed is None:
         return None
-    operation = plain_rows.instance(Operation, claimed)
-    (operation.target,) = plain_rows.instances(
-        Target, f"{plain_rows.quoted(Target, 'id')} = %s", [operation.target_id]
-    )
+    count = len(Operation._meta.concrete_fields)
+    operation = plain_rows.instance(Operation, claimed[:count])
+    if joined:
+        operation.target = plain_rows.instance(Target, claimed[count:])
+    else:
+        (operation.target,) = plain_rows.instances(
+            Target, f"{quoted(Target, 'id')} = %s", [operation.target_id]
+        )
     return operation
 
 
