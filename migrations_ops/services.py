@@ -395,11 +395,10 @@ def _read_live(
     convention = engine.get_convention(target.convention)
     try:
         with open_target(target) as connection:
-            lock = convention.read_lock(connection)
-            # read_lock has checked the tables
-            applied = (
-                convention.read_applied(connection, check_tables=False) if include_applied else None
-            )
+            if include_applied:
+                lock, applied = convention.read(connection)
+            else:
+                lock, applied = convention.read_lock(connection), None
     except engine.EngineError as error:
         return None, None, str(error)
     return lock, applied, None

@@ -182,6 +182,40 @@ class TargetConnection:
             self.require_tables(convention_name, *tables)
             raise
 
+    def fetch_all_checked(
+        self, convention_name: str, tables: Sequence[str], queries: Sequence[str]
+    ) -> list[tuple[list[str], list[dict[str, Any]]]]:
+        """``fetch_checked`` of several queries without parameters, a result each. On
+        PostgreSQL outside a transaction they go in one round trip: one message of the simple
+        query protocol, which runs them in one implicit transaction, so they see the target at
+        one moment."""
+        if (
+            self.dialect != "postgresql"
+            or self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+        ):
+            self.require_tables(convention_name, *tables)
+            return [self.fetch_table(query) for query in queries]
+        names = ", ".join(self.quote(table) for table in tables)
+        first, *rest = queries
+        text = "; ".join(
+            [f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {first}", *rest]
+        )
+        cursor = self.raw.cursor()
+        try:
+            cursor.execute(text)  # no parameters: the simple protocol, several statements
+            results = []
+            while True:
+                columns = [column[0] for column in cursor.description]
+                rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+                results.append((columns, rows))
+                if not cursor.nextset():
+                    return results
+        except psycopg.errors.UndefinedTable:
+            self.require_tables(convention_name, *tables)
+            raise
+        finally:
+            cursor.close()
+
     @contextlib.contextmanager
     def transaction(self, *, timeout_seconds: float | None = None) -> Iterator[None]:
         """A write transaction; with ``timeout_seconds``, every statement in it (and on

@@ -121,9 +121,7 @@ class Convention:
     def read_lock(
         self, connection: TargetConnection, *, for_update: bool = False, check_tables: bool = True
     ) -> LockState:
-        query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
-        if for_update and connection.dialect == "postgresql":
-            query += " FOR UPDATE"
+        query = self._lock_query(connection, for_update=for_update)
         return self._lock_state(*self._fetch(connection, query, check_tables=check_tables))
 
     def _lock_state(self, columns: list[str], found: list[dict[str, Any]]) -> LockState:
@@ -144,6 +142,29 @@ class Convention:
     def read_applied(
         self, connection: TargetConnection, *, check_tables: bool = True
     ) -> list[AppliedMigration]:
+        query = self._applied_query(connection)
+        return self._applied_from(self._fetch(connection, query, check_tables=check_tables)[1])
+
+    def read(self, connection: TargetConnection) -> tuple[LockState, list[AppliedMigration]]:
+        """The lock and the books, as one read: in one round trip where the target allows."""
+        (columns, found), (_, applied) = connection.fetch_all_checked(
+            self.name,
+            (self.migrations_table, self.lock_table),
+            [self._lock_query(connection), self._applied_query(connection)],
+        )
+        return self._lock_state(columns, found), self._applied_from(applied)
+
+    def _lock_query(self, connection: TargetConnection, *, for_update: bool = False) -> str:
+        query = f"SELECT * FROM {connection.quote(self.lock_table)}"  # noqa: S608 (quoted)
+        if for_update and connection.dialect == "postgresql":
+            query += " FOR UPDATE"
+        return query
+
+    def _applied_query(self, connection: TargetConnection) -> str:
+        """The books' rows, in the order they were applied."""
+        raise NotImplementedError
+
+    def _applied_from(self, rows: list[dict[str, Any]]) -> list[AppliedMigration]:
         raise NotImplementedError
 
     def row_holds_lock(self, row: dict[str, Any]) -> bool:
@@ -267,15 +288,11 @@ class RunbookConvention(Convention):
     migrations_table = "migrations"
     lock_table = "migration_lock"
 
-    def read_applied(
-        self, connection: TargetConnection, *, check_tables: bool = True
-    ) -> list[AppliedMigration]:
+    def _applied_query(self, connection: TargetConnection) -> str:
         table = connection.quote(self.migrations_table)
-        _, rows = self._fetch(
-            connection,
-            f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename",  # noqa: S608
-            check_tables=check_tables,
-        )
+        return f"SELECT filename, applied_at FROM {table} ORDER BY applied_at, filename"  # noqa: S608
+
+    def _applied_from(self, rows: list[dict[str, Any]]) -> list[AppliedMigration]:
         return [
             AppliedMigration(str(r["filename"]), parse_timestamp(r["applied_at"])) for r in rows
         ]
@@ -385,15 +402,11 @@ class KnexConvention(Convention):
     migrations_table = "knex_migrations"
     lock_table = "knex_migrations_lock"
 
-    def read_applied(
-        self, connection: TargetConnection, *, check_tables: bool = True
-    ) -> list[AppliedMigration]:
+    def _applied_query(self, connection: TargetConnection) -> str:
         table = connection.quote(self.migrations_table)
-        _, rows = self._fetch(
-            connection,
-            f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id",  # noqa: S608
-            check_tables=check_tables,
-        )
+        return f"SELECT id, name, batch, migration_time FROM {table} ORDER BY id"  # noqa: S608
+
+    def _applied_from(self, rows: list[dict[str, Any]]) -> list[AppliedMigration]:
         return [
             AppliedMigration(
                 str(r["name"]),

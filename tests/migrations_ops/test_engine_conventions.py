@@ -230,6 +230,25 @@ def test_knex_applied_in_id_order_with_batches(any_target):
     assert applied[0].applied_at < applied[1].applied_at < applied[2].applied_at
 
 
+# --- read: the lock and the books at once -------------------------------------------------------
+@pytest.mark.parametrize("convention_name", ["runbook", "knex"])
+def test_read_gives_the_lock_and_the_books_as_their_own_reads_do(any_target, convention_name):
+    convention = get_convention(convention_name)
+    if convention_name == "runbook":
+        any_target.create_runbook_books()
+        take_runbook_lock(any_target)
+    else:
+        any_target.create_knex_books(locked=True)
+    with open_target(any_target) as conn:
+        lock, applied = convention.read(conn)
+        assert (lock, applied) == (convention.read_lock(conn), convention.read_applied(conn))
+        # Inside a transaction it reads just the same (statement by statement).
+        with conn.transaction():
+            assert convention.read(conn) == (lock, applied)
+    assert lock.held is True and lock.columns
+    assert len(applied) == 2
+
+
 def test_knex_applied_on_sqlite_with_epoch_milliseconds(sqlite_target):
     # knex on SQLite writes migration_time as JavaScript's Date.now(): epoch milliseconds.
     sqlite_target.create_knex_books(applied=())
@@ -395,7 +414,7 @@ def test_lock_released_meanwhile_raises_lock_not_held(any_target, convention_nam
         ("knex", "CREATE TABLE migrations (filename TEXT)", "no knex_migrations, knex_migrations_"),
     ],
 )
-@pytest.mark.parametrize("operation", ["read_lock", "read_applied", "release_lock"])
+@pytest.mark.parametrize("operation", ["read_lock", "read_applied", "read", "release_lock"])
 def test_missing_tables_are_not_a_migrations_database(
     any_target, convention_name, create, missing, operation
 ):
