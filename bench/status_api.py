@@ -17,20 +17,30 @@ asked for each target in turn; the status of all targets at once, as a monitor p
 
 Targets: status >= 800 req/s with p99 <= 40 ms; flags >= 2,000 req/s with p99 <= 20 ms.
 
-Workers: the requests are CPU-bound Python (one round trip to Redis, then an answer from the
-process's memory), so one sync worker per core (wrk, Redis and PostgreSQL share the cores). Sync
-workers answer a request and close its connection, as behind a buffering proxy (gunicorn's
-advice for them); every worker takes the next connection from the one queue the listening
-socket holds, so a worker that falls behind (descheduled, or reading the targets' status
-again) delays only the request it holds. gthread workers keep each client's connection alive,
-so a worker's share of the clients waits on it whenever it falls behind: measured on the same
-code, 3 gthread workers x 1 thread gave the flags a p99 of 24-36 ms and 2 sync workers 17-20 ms
-in most runs (up to 26 ms with other work on the machine), at about the same rate and with
-about 0.1 ms less worker CPU per request (accepting and closing a connection costs less than
-handing each request between a gthread worker's two threads). ``--worker-class gthread``
-measures the other way; with it each worker takes at most its share of the clients'
-connections (``--worker-connections``), else one could take most of them at the start and the
-run measure one core.
+Workers: sync, one more than the cores (``--workers``). Each request is CPU-bound Python but
+waits twice while a worker holds it: for Redis's answer (the token and the targets version),
+and for the client to close after the answer (gunicorn lingers until it has). With one worker
+per core those waits left the cores idle 7% of the time; a third worker fills them: flags
+2,450-2,750 req/s with p99 19-22 ms on 2 workers, 2,650-2,880 req/s with p99 16-19 ms on 3, and
+status p99 28-32 ms instead of 30-34 ms; 4 or 5 workers did no better (more switching between
+them). Sync workers answer a request and close its connection, as behind a buffering proxy
+(gunicorn's advice for them); every worker takes the next connection from the one queue the
+listening socket holds, so a worker that falls behind (descheduled, or reading the targets'
+status again) delays only the request it holds. gthread workers keep each client's connection
+alive, so a worker's share of the clients waits on it whenever it falls behind: measured on the
+same code, 3 gthread workers x 1 thread gave the flags a p99 of 24-36 ms and 2 sync workers
+17-20 ms in most runs, at about the same rate and with about 0.1 ms less worker CPU per request
+(accepting and closing a connection costs less than handing each request between a gthread
+worker's two threads). ``--worker-class gthread`` measures the other way; with it each worker
+takes at most its share of the clients' connections (``--worker-connections``), else one could
+take most of them at the start and the run measure one core.
+
+Kept target connections: every worker that reads the targets' status again keeps a connection
+to each target (TARGET_KEEP_CONNECTIONS_MAX). Deployed, each target is a server of its own and
+sees one connection per worker; here all targets are schemas on one PostgreSQL server, so the
+workers would hold workers x targets connections. ``--keep-connections`` is lowered to what
+fits that server's max_connections (leaving some for the console and everything else), else
+the status readings fail with "too many clients" (3 workers x 50 targets on 100 connections).
 """
 
 from __future__ import annotations
@@ -92,7 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=20, help="seconds per endpoint (20)")
     parser.add_argument("--connections", type=int, default=32, help="concurrent clients (32)")
     parser.add_argument("--targets", type=int, default=50, help="targets registered (50)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="(the cores)")
+    parser.add_argument(
+        "--workers", type=int, default=(os.cpu_count() or 2) + 1, help="(the cores + 1)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="per gunicorn worker (1)")
     parser.add_argument(
         "--worker-class", default="sync", choices=["sync", "gthread"], help="(sync)"
@@ -105,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=64,
         help="TARGET_KEEP_CONNECTIONS_MAX per worker (64, the default: every status re-read on "
-        "kept connections up to 64 targets)",
+        "kept connections up to 64 targets; lowered to what the PostgreSQL server takes)",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit with status 1 when a target is missed"
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="opsconsole-bench-api-"))
 
     def bench(console_url: str, target_url: str) -> bool:
+        args.keep_connections = min(args.keep_connections, connections_per_worker(args.workers))
         env = harness.configure_console(
             console_url,
             redis_url=redis_url,
@@ -146,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         delete_cache_keys(redis_url, key_prefix)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Connections of the PostgreSQL server left to the console's own database, the bench and anything
+# else running on it, when sharing the rest between the workers' kept target connections.
+OTHER_PG_CONNECTIONS = 20
+
+
+def connections_per_worker(workers: int) -> int:
+    """Kept target connections each worker can have without the server running out of them
+    (all targets are on the one local server here)."""
+    with psycopg.connect(f"{harness.PG_SERVER}/postgres") as conn:
+        max_connections = int(conn.execute("SHOW max_connections").fetchone()[0])
+    return max(1, (max_connections - OTHER_PG_CONNECTIONS) // workers)
 
 
 def fernet_key() -> str:
