@@ -118,46 +118,32 @@ class TargetConnection:
         )
         return bool(rows)
 
-    def missing_tables(
-        self, tables: Sequence[str], *, advisory_lock: str | None = None
-    ) -> list[str]:
-        """Which of ``tables`` do not exist: on PostgreSQL in one round trip, which with
-        ``advisory_lock`` (PostgreSQL only) also takes the transaction-level advisory lock of
-        that key's hash."""
+    def missing_tables(self, tables: Sequence[str]) -> list[str]:
+        """Which of ``tables`` do not exist (on PostgreSQL, in one round trip)."""
         if self.dialect != "postgresql":  # SQLite is in-process: a query per table costs nothing
-            if advisory_lock is not None:
-                raise EngineError("advisory locks are PostgreSQL's")
             return [table for table in tables if not self.table_exists(table)]
-        names = [self.quote(table) for table in tables]
-        if advisory_lock is None:
-            rows = self.fetch_dicts(
-                "SELECT to_regclass(name) IS NOT NULL AS found "
-                "FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, position) ORDER BY position",
-                [names],
-            )
-        else:
-            # MATERIALIZED: the lock is taken once, whatever the plan.
-            rows = self.fetch_dicts(
-                "WITH taken AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext(%s))) "
-                "SELECT to_regclass(name) IS NOT NULL AS found "
-                "FROM taken, unnest(%s::text[]) WITH ORDINALITY AS t(name, position) "
-                "ORDER BY position",
-                [advisory_lock, names],
-            )
+        rows = self.fetch_dicts(
+            "SELECT to_regclass(name) IS NOT NULL AS found "
+            "FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, position) ORDER BY position",
+            [[self.quote(table) for table in tables]],
+        )
         return [table for table, row in zip(tables, rows, strict=True) if not row["found"]]
 
-    def require_tables(
-        self, convention_name: str, *tables: str, advisory_lock: str | None = None
-    ) -> None:
-        """Raise ``NotAMigrationsDatabase`` unless every table exists (see ``missing_tables``
-        for ``advisory_lock``)."""
-        missing = self.missing_tables(tables, advisory_lock=advisory_lock)
+    def require_tables(self, convention_name: str, *tables: str) -> None:
+        """Raise ``NotAMigrationsDatabase`` unless every table exists."""
+        missing = self.missing_tables(tables)
         if missing:
             where = f" in schema {self.schema!r}" if self.schema else ""
             raise NotAMigrationsDatabase(
                 f"no {', '.join(missing)} table{'s' if len(missing) > 1 else ''}{where}: "
                 f"this is not a {convention_name}-convention migrations database"
             )
+
+    def checked(self, tables: Sequence[str], query: str) -> str:
+        """``query`` naming every one of ``tables`` (PostgreSQL): a CTE it never reads is not
+        run, but its tables must exist, so a missing one fails the query (UndefinedTable)."""
+        names = ", ".join(self.quote(table) for table in tables)
+        return f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {query}"
 
     def fetch_checked(
         self, convention_name: str, tables: Sequence[str], query: str, params: Sequence[Any] = ()
@@ -172,12 +158,8 @@ class TargetConnection:
         ):
             self.require_tables(convention_name, *tables)
             return self.fetch_table(query, params)
-        names = ", ".join(self.quote(table) for table in tables)
         try:
-            # A CTE the query never reads is not run, but its tables must exist.
-            return self.fetch_table(
-                f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {query}", params
-            )
+            return self.fetch_table(self.checked(tables, query), params)
         except psycopg.errors.UndefinedTable:
             self.require_tables(convention_name, *tables)
             raise
@@ -195,24 +177,34 @@ class TargetConnection:
         ):
             self.require_tables(convention_name, *tables)
             return [self.fetch_table(query) for query in queries]
-        names = ", ".join(self.quote(table) for table in tables)
         first, *rest = queries
-        text = "; ".join(
-            [f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {first}", *rest]
-        )
-        cursor = self.raw.cursor()
+        statements = [(self.checked(tables, first), ()), *((query, ()) for query in rest)]
         try:
-            cursor.execute(text)  # no parameters: the simple protocol, several statements
-            results = []
-            while True:
-                columns = [column[0] for column in cursor.description]
-                rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-                results.append((columns, rows))
-                if not cursor.nextset():
-                    return results
+            return self.run_together(statements)
         except psycopg.errors.UndefinedTable:
             self.require_tables(convention_name, *tables)
             raise
+
+    def run_together(
+        self, statements: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[tuple[list[str], list[dict[str, Any]]]]:
+        """PostgreSQL: several statements, each with its parameters (``%s``, and no other
+        ``%``), in one round trip; returns each one's columns and rows (none for a statement
+        that returns none). They are bound on the client (psycopg's ClientCursor) and sent as
+        one message of the simple query protocol: the server stops at the first that fails,
+        and outside a transaction runs them all in one."""
+        text = "; ".join(query for query, _ in statements)
+        params = [value for _, values in statements for value in values]
+        cursor = psycopg.ClientCursor(self.raw)
+        try:
+            cursor.execute(text, params or None)
+            results = []
+            while True:
+                columns = [column[0] for column in cursor.description or ()]
+                rows = cursor.fetchall() if columns else []
+                results.append((columns, [dict(zip(columns, row, strict=True)) for row in rows]))
+                if not cursor.nextset():
+                    return results
         finally:
             cursor.close()
 
@@ -233,7 +225,7 @@ class TargetConnection:
             try:
                 yield
             except BaseException:
-                self._roll_back_postgresql()
+                self.roll_back()
                 raise
             self.raw.execute("COMMIT")
             return
@@ -249,9 +241,10 @@ class TargetConnection:
             raise
         self.raw.execute("COMMIT")
 
-    def _roll_back_postgresql(self) -> None:
-        """End a failed transaction; a connection that cannot is closed, never lent again
-        with a transaction open (the error that caused it is the one to report)."""
+    def roll_back(self) -> None:
+        """PostgreSQL: end the transaction, if one is open; a connection that cannot is
+        closed, never lent again with a transaction open (the error that caused it is the one
+        to report)."""
         if self.raw.closed or self.raw.info.transaction_status == pq.TransactionStatus.IDLE:
             return
         try:

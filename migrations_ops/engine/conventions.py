@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import psycopg
+
 from .connection import TargetConnection
 from .errors import EngineError, LockChanged, LockNotHeld
 
@@ -101,12 +103,8 @@ class Convention:
     migrations_table: ClassVar[str]
     lock_table: ClassVar[str]
 
-    def require_tables(
-        self, connection: TargetConnection, *, advisory_lock: str | None = None
-    ) -> None:
-        connection.require_tables(
-            self.name, self.migrations_table, self.lock_table, advisory_lock=advisory_lock
-        )
+    def require_tables(self, connection: TargetConnection) -> None:
+        connection.require_tables(self.name, self.migrations_table, self.lock_table)
 
     def _fetch(
         self, connection: TargetConnection, query: str, *, check_tables: bool
@@ -214,24 +212,62 @@ class Convention:
     ) -> bool:
         """One attempt to take the lock, committed at once so other migrators see it.
         ``when_held`` is shown the lock if it is held, and may raise to give up."""
-        with connection.transaction():
-            if connection.dialect == "postgresql":
-                # The advisory lock serialises console takers even where the lock table has no
-                # unique key; taken in the same round trip as the tables are checked.
-                key = f"opsconsole:{connection.schema or ''}:{self.lock_table}"
-                self.require_tables(connection, advisory_lock=key)
-            else:
-                self.require_tables(connection)
-            lock = self.read_lock(connection, for_update=True, check_tables=False)
+        if connection.dialect == "postgresql":
+            return self._try_take_lock_postgresql(connection, holder, when_held)
+        with connection.transaction():  # BEGIN IMMEDIATE: SQLite's one writer at a time
+            self.require_tables(connection)
+            lock = self.read_lock(connection, check_tables=False)
             if lock.held:
                 if when_held is not None:
                     when_held(lock)
                 return False
-            self._take(connection, holder, lock)
+            for query, params in self._take(connection, holder, lock):
+                connection.execute(query, params)
         return True
 
-    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
-        """Write the lock as taken by ``holder``; ``lock``: as just read, free."""
+    def _try_take_lock_postgresql(
+        self,
+        connection: TargetConnection,
+        holder: str,
+        when_held: Callable[[LockState], None] | None,
+    ) -> bool:
+        """``try_take_lock`` in two round trips (five, statement by statement): the lock read
+        under an advisory lock, then the lock written with the commit."""
+        key = f"opsconsole:{connection.schema or ''}:{self.lock_table}"
+        tables = (self.migrations_table, self.lock_table)
+        read = connection.checked(tables, self._lock_query(connection, for_update=True))
+        try:
+            *_, (columns, rows) = connection.run_together(
+                [
+                    ("BEGIN", ()),
+                    # Serialises the console's takers even where the lock table has no unique
+                    # key; the read after it has a snapshot of its own, so it sees the lock
+                    # the taker before committed.
+                    ("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,)),
+                    (read, ()),
+                ]
+            )
+            lock = self._lock_state(columns, rows)
+            if lock.held:
+                connection.roll_back()
+                if when_held is not None:
+                    when_held(lock)
+                return False
+            connection.run_together([*self._take(connection, holder, lock), ("COMMIT", ())])
+        except psycopg.errors.UndefinedTable:
+            connection.roll_back()
+            self.require_tables(connection)  # says which table is missing
+            raise
+        except BaseException:
+            connection.roll_back()
+            raise
+        return True
+
+    def _take(
+        self, connection: TargetConnection, holder: str, lock: LockState
+    ) -> list[tuple[str, list[Any]]]:
+        """The statements that write the lock as taken by ``holder``; ``lock``: as just
+        read, free, in the same transaction."""
         raise NotImplementedError
 
     def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
@@ -311,7 +347,9 @@ class RunbookConvention(Convention):
         # The runbook's Scenario 3: "DELETE FROM migration_lock" releases every lock row.
         connection.execute(f"DELETE FROM {connection.quote(self.lock_table)}")  # noqa: S608
 
-    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
+    def _take(
+        self, connection: TargetConnection, holder: str, lock: LockState
+    ) -> list[tuple[str, list[Any]]]:
         present = set(lock.columns)  # the lock row was read with them, in this transaction
         values: dict[str, Any] = {"id": 1}
         if "locked_at" in present:
@@ -320,10 +358,9 @@ class RunbookConvention(Convention):
             values["locked_by"] = holder
         columns = ", ".join(connection.quote(column) for column in values)
         marks = ", ".join([connection.placeholder] * len(values))
-        connection.execute(
-            f"INSERT INTO {connection.quote(self.lock_table)} ({columns}) VALUES ({marks})",  # noqa: S608
-            list(values.values()),
-        )
+        table = connection.quote(self.lock_table)
+        insert = f"INSERT INTO {table} ({columns}) VALUES ({marks})"  # noqa: S608
+        return [(insert, list(values.values()))]
 
     def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
         table = connection.quote(self.lock_table)
@@ -426,10 +463,16 @@ class KnexConvention(Convention):
             f"UPDATE {connection.quote(self.lock_table)} SET is_locked = 0"  # noqa: S608
         )
 
-    def _take(self, connection: TargetConnection, holder: str, lock: LockState) -> None:
+    def _take(
+        self, connection: TargetConnection, holder: str, lock: LockState
+    ) -> list[tuple[str, list[Any]]]:
+        # Knex keeps one lock row: a missing one is inserted taken.
         table = connection.quote(self.lock_table)
-        if not connection.execute(f"UPDATE {table} SET is_locked = 1"):  # noqa: S608
-            connection.execute(f"INSERT INTO {table} (is_locked) VALUES (1)")  # noqa: S608
+        missing = f"SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM {table})"  # noqa: S608
+        return [
+            (f"UPDATE {table} SET is_locked = 1", []),  # noqa: S608
+            (f"INSERT INTO {table} (is_locked) {missing}", []),
+        ]
 
     def release_own_lock(self, connection: TargetConnection, holder: str) -> LockState:
         if connection.dialect == "postgresql":  # every row, as it is after: one round trip

@@ -1,6 +1,9 @@
 """Taking and releasing a migration's own lock: what the lock table holds after each step,
 whatever columns it has, and the advisory lock that serialises the console's takers."""
 
+import threading
+
+import psycopg
 import pytest
 
 from migrations_ops.engine import EngineError, connect, get_convention
@@ -16,6 +19,10 @@ def open_target(target):
 
 def lock_rows(target) -> list[tuple]:
     return target.query("SELECT * FROM migration_lock ORDER BY id")
+
+
+def holders(target) -> list[str]:
+    return [row[0] for row in target.query("SELECT locked_by FROM migration_lock ORDER BY id")]
 
 
 def test_take_writes_holder_and_time_and_release_frees_it(any_target):
@@ -80,23 +87,40 @@ def test_missing_tables_are_reported_before_taking(pg_target):
         runbook.try_take_lock(conn, HOLDER)
 
 
-def test_tables_check_takes_the_advisory_lock_until_the_transaction_ends(pg_target):
+def test_takers_wait_for_each_other_on_the_advisory_lock(pg_target):
+    # Another console process between its advisory lock and its commit: this taker waits
+    # for it, and then finds the lock as that one left it.
     pg_target.create_runbook_books()
-    advisory_locks = (
-        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
-    )
+    key = f"opsconsole:{pg_target.schema}:migration_lock"
+    other = psycopg.connect(pg_target.url, autocommit=True)
+    other.execute(f"SET search_path TO {pg_target.schema}")
+    other.execute("BEGIN")
+    other.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
+    other.execute("INSERT INTO migration_lock (id, locked_by) VALUES (1, 'console-2')")
+    results = []
     with open_target(pg_target) as conn:
-        with conn.transaction():
-            missing = conn.missing_tables(["migrations", "nope"], advisory_lock="opsconsole:k")
-            assert missing == ["nope"]
-            assert conn.fetch_dicts(advisory_locks)[0]["n"] == 1
-        assert conn.fetch_dicts(advisory_locks)[0]["n"] == 0
+        taker = threading.Thread(target=lambda: results.append(runbook.try_take_lock(conn, HOLDER)))
+        taker.start()
+        taker.join(0.5)
+        waited = taker.is_alive()
+        other.execute("COMMIT")
+        other.close()
+        taker.join(5)
+    assert waited, "the taker did not wait for the other's advisory lock"
+    assert results == [False]  # the other taker's lock, committed while this one waited
+    assert holders(pg_target) == ["console-2"]
 
 
-def test_advisory_lock_is_refused_on_sqlite(sqlite_target):
-    sqlite_target.create_runbook_books()
-    with open_target(sqlite_target) as conn, pytest.raises(EngineError, match="PostgreSQL"):
-        conn.missing_tables(["migrations"], advisory_lock="opsconsole:k")
+def test_a_failed_take_leaves_no_transaction_open(pg_target):
+    pg_target.create_runbook_books()
+    pg_target.execute("ALTER TABLE migration_lock ADD CHECK (locked_by <> 'refused')")
+    with open_target(pg_target) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            runbook.try_take_lock(conn, "refused")
+        state = conn.raw.info.transaction_status
+        assert runbook.try_take_lock(conn, HOLDER) is True  # the connection is usable again
+    assert state == psycopg.pq.TransactionStatus.IDLE
+    assert holders(pg_target) == [HOLDER]
 
 
 def test_knex_take_then_release_returns_the_lock_free(any_target):
