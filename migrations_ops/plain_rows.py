@@ -78,22 +78,26 @@ def insert(instance: Model, *, using: str = DEFAULT_DB_ALIAS) -> Model:
     """Insert ``instance`` as ``Model.save()`` would a new row (fields' ``pre_save`` and
     conversions; its key from the database), without the model's signals."""
     database = connections[using]
-    meta = instance._meta
-    fields = [
-        field for field in meta.concrete_fields if not (field.primary_key and instance.pk is None)
-    ]
-    quote = database.ops.quote_name
+    fields, statement = _insert(type(instance), instance.pk is None, using)
     values = [field.get_db_prep_save(field.pre_save(instance, True), database) for field in fields]
     with database.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608 (quoted names)
-            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}",
-            values,
-        )
+        cursor.execute(statement, values)
         instance.pk = cursor.fetchone()[0]
     instance._state.adding = False
     instance._state.db = using
     return instance
+
+
+@functools.cache
+def _insert(model: type[Model], key_from_database: bool, using: str) -> tuple[list, str]:
+    """The fields ``insert`` writes and its INSERT ... RETURNING the key."""
+    meta = model._meta
+    fields = [f for f in meta.concrete_fields if not (f.primary_key and key_from_database)]
+    quote = connections[using].ops.quote_name
+    return fields, (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608 (quoted names)
+        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}"
+    )
 
 
 def update(model: type[Model], values: dict[str, Any], where: str, params: Sequence[Any]) -> int:

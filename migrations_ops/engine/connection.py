@@ -146,31 +146,14 @@ class TargetConnection:
         return f"WITH opsconsole_tables AS (SELECT FROM {names} LIMIT 0) {query}"
 
     def fetch_checked(
-        self, convention_name: str, tables: Sequence[str], query: str, params: Sequence[Any] = ()
-    ) -> tuple[list[str], list[dict[str, Any]]]:
-        """``fetch_table``, raising ``NotAMigrationsDatabase`` unless every one of ``tables``
-        exists. On PostgreSQL outside a transaction, in one round trip instead of two: the query
-        goes first, naming every table (a missing one fails it), and the tables are looked at
-        only when it fails. In a transaction, a failed query would end it: they go first."""
-        if (
-            self.dialect != "postgresql"
-            or self.raw.info.transaction_status != pq.TransactionStatus.IDLE
-        ):
-            self.require_tables(convention_name, *tables)
-            return self.fetch_table(query, params)
-        try:
-            return self.fetch_table(self.checked(tables, query), params)
-        except psycopg.errors.UndefinedTable:
-            self.require_tables(convention_name, *tables)
-            raise
-
-    def fetch_all_checked(
         self, convention_name: str, tables: Sequence[str], queries: Sequence[str]
     ) -> list[tuple[list[str], list[dict[str, Any]]]]:
-        """``fetch_checked`` of several queries without parameters, a result each. On
-        PostgreSQL outside a transaction they go in one round trip: one message of the simple
-        query protocol, which runs them in one implicit transaction, so they see the target at
-        one moment."""
+        """Each of ``queries`` (without parameters): its columns and rows, raising
+        ``NotAMigrationsDatabase`` unless every one of ``tables`` exists. On PostgreSQL outside a
+        transaction, all in one round trip: one message of the simple query protocol (one
+        implicit transaction, so they see the target at one moment) whose first query names
+        every table (a missing one fails it); the tables are looked at only when it fails. In
+        a transaction, a failed query would end it: they go first."""
         if (
             self.dialect != "postgresql"
             or self.raw.info.transaction_status != pq.TransactionStatus.IDLE

@@ -113,7 +113,8 @@ class Convention:
         if not check_tables:
             return connection.fetch_table(query)
         tables = (self.migrations_table, self.lock_table)
-        return connection.fetch_checked(self.name, tables, query)
+        (result,) = connection.fetch_checked(self.name, tables, [query])
+        return result
 
     # --- reading -------------------------------------------------------------------------------
     def read_lock(
@@ -145,7 +146,7 @@ class Convention:
 
     def read(self, connection: TargetConnection) -> tuple[LockState, list[AppliedMigration]]:
         """The lock and the books, as one read: in one round trip where the target allows."""
-        (columns, found), (_, applied) = connection.fetch_all_checked(
+        (columns, found), (_, applied) = connection.fetch_checked(
             self.name,
             (self.migrations_table, self.lock_table),
             [self._lock_query(connection), self._applied_query(connection)],
