@@ -24,7 +24,8 @@ class RedisServer:
     an overloaded or partitioned Redis would (``thaw`` ends that)."""
 
     def __init__(self) -> None:
-        if shutil.which("redis-server") is None:
+        self.executable = shutil.which("redis-server")
+        if self.executable is None:
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -33,7 +34,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.process = subprocess.Popen(
             [
-                "redis-server",
+                self.executable,
                 "--port",
                 str(self.port),
                 "--bind",
