@@ -120,11 +120,11 @@ def test_a_token_revoked_while_redis_is_down_is_refused_and_stays_refused_once_i
 
     own_redis.thaw()
     time.sleep(0.5)  # past CACHE_RETRY_SECONDS: the next request asks Redis again
-
-    response = client.get(FLAGS, **token)
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_token"
-    assert bypass_served(client, other) is True
+    for _ in range(3):  # the first finds Redis back, the next are served from it
+        assert bypass_served(client, other) is True
+        response = client.get(FLAGS, **token)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_token"
     from django.core.cache import cache
 
     assert not cache.degraded  # served from Redis again
