@@ -129,6 +129,7 @@ class DegradingRedisCache(KeptClientRedisCache):
             self._breaker = _breakers.setdefault(
                 (tuple(self._servers), self.key_prefix), _Breaker(retry_seconds)
             )
+            self._breaker.retry_seconds = retry_seconds
         self._local = _ProcessStore(
             f"opsconsole-cache-outage:{self._location}:{self.key_prefix}",
             {**params, "OPTIONS": {"MAX_ENTRIES": int(params.get("PROCESS_MAX_ENTRIES", 2000))}},

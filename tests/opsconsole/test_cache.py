@@ -5,14 +5,21 @@ connections; frozen, it takes them and never answers (each command waits for the
 time-out).
 """
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from django.core.cache import cache
 
 from opsconsole.cache import cache_reconnected
 from tests.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The console's own receiver of cache_reconnected reads the database.
 pytestmark = pytest.mark.django_db
@@ -133,3 +140,38 @@ def test_a_redis_never_up_is_a_miss_and_its_password_is_not_logged(cache_on_redi
     assert len(outage_lines(caplog)) == 1
     assert "SECRETMARKER" not in caplog.text
     assert "127.0.0.1" in outage_lines(caplog)[0]
+
+
+def cache_settings(tmp_path, **environment) -> dict:
+    """The cache and the broker as opsconsole/settings.py makes them from ``environment``."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "CACHE_URL"}}
+    env |= {"DJANGO_SETTINGS_MODULE": "opsconsole.settings", "OPSCONSOLE_DATA_DIR": str(tmp_path)}
+    script = (
+        "import json; from django.conf import settings; "
+        "print(json.dumps([settings.CACHES['default'], settings.CELERY_BROKER_URL]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env | environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    cache_config, broker = json.loads(result.stdout)
+    return cache_config | {"broker": broker}
+
+
+def test_the_cache_has_a_url_of_its_own_defaulting_to_the_brokers(tmp_path):
+    broker = "redis://127.0.0.1:6379/2"
+    shared = cache_settings(tmp_path, REDIS_URL=broker)
+    assert shared["BACKEND"] == "opsconsole.cache.DegradingRedisCache"
+    assert shared["LOCATION"] == broker
+    assert shared["OPTIONS"] == {"socket_connect_timeout": 0.25, "socket_timeout": 0.25}
+    assert shared["RETRY_SECONDS"] == 5
+
+    own = cache_settings(tmp_path, REDIS_URL=broker, CACHE_URL="redis://cache.internal:6379/0")
+    assert own["LOCATION"] == "redis://cache.internal:6379/0"
+    assert own["broker"] == broker
+    assert cache_settings(tmp_path)["BACKEND"].endswith("LocMemCache")  # nothing to run
