@@ -2410,9 +2410,10 @@ def _identity(token: ApiToken) -> TokenIdentity:
 # from the targets' rows (the flags documents, the list of targets) is kept under the version
 # it was read at, in the shared cache and in this process's memory, so a request costs one
 # round trip to Redis (the token and the version together) and a change is seen from the next
-# request on. With a cache of this process only (no REDIS_URL) another process's change would
-# not reach it: there the rows are read from the database instead (a flags document is keyed
-# by the row's updated_at).
+# request on. With a cache of this process only (no CACHE_URL, or its Redis unreachable: see
+# opsconsole/cache.py) another process's change would not reach it: there the rows are read
+# from the database instead (a flags document is keyed by the row's updated_at, a token read
+# on each request).
 TARGETS_VERSION_KEY = "targets-version"
 
 
