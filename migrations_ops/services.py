@@ -59,6 +59,7 @@ from migrations_ops.models import (
     Target,
 )
 from opsconsole import middleware as request_context
+from opsconsole.cache import cache_reconnected
 
 logger = logging.getLogger(__name__)
 
@@ -2381,16 +2382,26 @@ class TokenIdentity:
 def authenticate_api_token_cached(raw: str) -> TokenIdentity:
     """``authenticate_api_token``, remembered for API_TOKEN_CACHE_SECONDS (a revoke forgets it
     at once), so an application polling its flags costs no query to know who it is; with a
-    shared cache the targets version comes in the same round trip."""
+    shared cache the targets version comes in the same round trip. Without one (no Redis, or
+    Redis unreachable) the token is read from the database: a revoke made by another process
+    could not reach this process's memory."""
+    if not _cache_is_shared():
+        return _identity(authenticate_api_token(raw))
     key = _token_cache_key(hash_api_token(raw))
-    shared = _cache_is_shared()
-    found = cache.get_many([key, TARGETS_VERSION_KEY] if shared else [key])
+    found = cache.get_many([key, TARGETS_VERSION_KEY])
+    if not _cache_is_shared():
+        # Redis failed just now: what came back is this process's own memory.
+        return _identity(authenticate_api_token(raw))
     known = found.get(key)
     if known is None:
-        token = authenticate_api_token(raw)  # raises InvalidToken; notes last_used_at
-        known = (token.pk, token.name, token.prefix, token.target_ids)
+        identity = _identity(authenticate_api_token(raw))  # raises InvalidToken
+        known = (identity.pk, identity.name, identity.prefix, identity.target_ids)
         cache.set(key, known, settings.API_TOKEN_CACHE_SECONDS)
     return TokenIdentity(*known, targets_version=found.get(TARGETS_VERSION_KEY))
+
+
+def _identity(token: ApiToken) -> TokenIdentity:
+    return TokenIdentity(token.pk, token.name, token.prefix, token.target_ids)
 
 
 # --- what the API serves from cache ------------------------------------------------------------
@@ -2399,14 +2410,32 @@ def authenticate_api_token_cached(raw: str) -> TokenIdentity:
 # from the targets' rows (the flags documents, the list of targets) is kept under the version
 # it was read at, in the shared cache and in this process's memory, so a request costs one
 # round trip to Redis (the token and the version together) and a change is seen from the next
-# request on. With a cache of this process only (no REDIS_URL) another process's change would
-# not reach it: there the rows are read from the database instead (a flags document is keyed
-# by the row's updated_at).
+# request on. With a cache of this process only (no CACHE_URL, or its Redis unreachable: see
+# opsconsole/cache.py) another process's change would not reach it: there the rows are read
+# from the database instead (a flags document is keyed by the row's updated_at, a token read
+# on each request).
 TARGETS_VERSION_KEY = "targets-version"
 
 
 def _cache_is_shared() -> bool:
-    return not settings.CACHES["default"]["BACKEND"].endswith("LocMemCache")
+    """Whether the cache is Redis, and reachable as far as this process knows."""
+    backend = settings.CACHES["default"]["BACKEND"]
+    return not backend.endswith("LocMemCache") and not getattr(cache, "degraded", False)
+
+
+@receiver(cache_reconnected, dispatch_uid="api_caches_after_outage")
+def _forget_what_the_outage_left_stale(sender, **kwargs) -> None:
+    """Redis answers again after this process could not reach it: changes made meanwhile (by
+    any process) did not reach it. A new targets version stops whatever was kept under the old
+    one from being served, and the tokens revoked lately are forgotten (one remembered as
+    active before its revoke would otherwise be accepted until its entry expires)."""
+    cache.set(TARGETS_VERSION_KEY, time.time_ns(), None)
+    # An entry is made at the latest just after its token's revoke, and lives at most
+    # API_TOKEN_CACHE_SECONDS: only tokens revoked since then can have one left (a minute more
+    # for the clocks of the hosts that revoked).
+    since = timezone.now() - dt.timedelta(seconds=settings.API_TOKEN_CACHE_SECONDS + 60)
+    revoked = ApiToken.objects.filter(revoked_at__gte=since).values_list("token_hash", flat=True)
+    cache.delete_many([_token_cache_key(token_hash) for token_hash in revoked])
 
 
 @receiver(post_save, sender=Target, dispatch_uid="api_caches_target_saved")

@@ -251,15 +251,29 @@ if not AUDIT_CHAIN_KEY and DEBUG:
     AUDIT_CHAIN_KEY = hashlib.sha256(f"opsconsole audit chain:{SECRET_KEY}".encode()).hexdigest()
 
 # --- the API's caches ---------------------------------------------------------------------------
-# Shared by every process through Redis when REDIS_URL is set; otherwise each process keeps its
-# own (then the flags endpoint checks the target's row on each request, so a change made by
-# another process is still seen at once: see services.flags_document).
-if REDIS_URL:
+# Shared by every process through Redis when CACHE_URL (by default REDIS_URL, the broker's) is
+# set; otherwise each process keeps its own (then the flags endpoint checks the target's row on
+# each request, so a change made by another process is still seen at once: see
+# services.flags_document). While that Redis cannot be reached each process carries on with its
+# own, reading from the database what must be the same everywhere (opsconsole/cache.py).
+CACHE_URL = env.str("CACHE_URL", default=REDIS_URL)
+# Seconds to connect to the cache's Redis, and to wait for an answer: past them the request
+# goes on without the cache.
+CACHE_SOCKET_TIMEOUT = env.float("CACHE_SOCKET_TIMEOUT", default=0.25)
+# Seconds a process goes on without the cache's Redis after it failed, before trying again.
+CACHE_RETRY_SECONDS = env.float("CACHE_RETRY_SECONDS", default=5)
+if CACHE_URL:
     CACHES = {
         "default": {
-            "BACKEND": "opsconsole.cache.KeptClientRedisCache",  # Django's, made cheaper
-            "LOCATION": REDIS_URL,
+            # Django's, made cheaper, carrying on without Redis while it is down.
+            "BACKEND": "opsconsole.cache.DegradingRedisCache",
+            "LOCATION": CACHE_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="opsconsole"),
+            "RETRY_SECONDS": CACHE_RETRY_SECONDS,
+            "OPTIONS": {
+                "socket_connect_timeout": CACHE_SOCKET_TIMEOUT,
+                "socket_timeout": CACHE_SOCKET_TIMEOUT,
+            },
         }
     }
 else:

@@ -92,3 +92,35 @@ def health_server():
 
     with serve() as url:
         yield url
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own (tests/redis_server.py), killed at the end."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache_on_redis(settings):
+    """Point the console's cache at a Redis URL, as the settings do when deployed (short
+    time-outs; CACHE_RETRY_SECONDS shortened so a test sees Redis come back quickly)."""
+
+    def point(url: str, *, retry_seconds: float = 0.3) -> None:
+        settings.CACHES = {  # changing it drops every cache object made so far
+            "default": {
+                "BACKEND": "opsconsole.cache.DegradingRedisCache",
+                "LOCATION": url,
+                "KEY_PREFIX": "opsconsole-test",
+                "RETRY_SECONDS": retry_seconds,
+                "OPTIONS": {
+                    "socket_connect_timeout": settings.CACHE_SOCKET_TIMEOUT,
+                    "socket_timeout": settings.CACHE_SOCKET_TIMEOUT,
+                },
+            }
+        }
+
+    return point

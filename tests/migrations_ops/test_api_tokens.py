@@ -5,6 +5,7 @@ import io
 import pytest
 from django.core.management import CommandError, call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from migrations_ops import services
 from migrations_ops.actors import Actor
@@ -104,6 +105,21 @@ def test_a_revoked_token_is_refused_at_once_even_after_being_used(client, consol
     token.refresh_from_db()
     assert token.revoked_at is not None and token.revoked_by_name == "admin1"
     assert AuditEvent.objects.filter(action="api_token.revoked").count() == 1
+
+
+def test_without_redis_a_token_revoked_by_another_process_is_refused_at_once(
+    client, console_admin, orders
+):
+    """Without Redis each process's cache is its own: the CLI's ``ops token revoke`` (another
+    process, here its UPDATE) cannot make the web process forget a token it remembers."""
+    token, raw = services.create_api_token(actor=console_admin, name="app", targets=[orders])
+    assert client.get(FLAGS.format("orders-db"), **bearer(raw)).status_code == 200
+
+    ApiToken.objects.filter(pk=token.pk).update(revoked_at=timezone.now(), revoked_by_name="cli")
+
+    response = client.get(FLAGS.format("orders-db"), **bearer(raw))
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_token"
 
 
 def test_revoking_twice_is_refused(console_admin, orders):

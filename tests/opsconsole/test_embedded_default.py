@@ -19,7 +19,8 @@ def manage(tmp_path):
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_TASK_ALWAYS_EAGER", "SECRET_KEY"}
+        if key
+        not in {"DATABASE_URL", "REDIS_URL", "CACHE_URL", "CELERY_TASK_ALWAYS_EAGER", "SECRET_KEY"}
     }
     env.update(DJANGO_SETTINGS_MODULE="opsconsole.settings", OPSCONSOLE_DATA_DIR=str(tmp_path))
 
