@@ -1,6 +1,8 @@
-"""A real HTTP server on 127.0.0.1 that answers like an application's health URL."""
+"""A real HTTP server on 127.0.0.1 that answers like an application's health URL, and like the
+console's flags endpoint (for ``flag_client``)."""
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -17,6 +19,17 @@ TRICKLE_BYTES = 40
 STATUSES = {"/ok": 200, "/slow": 200, "/down": 503, "/moved": 302}
 # /private answers 200 to these credentials only, 401 otherwise.
 PRIVATE_AUTHORIZATION = "Basic cHJvYmU6czNjcmV0"  # probe:s3cret
+# .../api/targets/<name>/flags answers these flags to this token only, 401 otherwise;
+# /same/P redirects to P on this server, /redirect/<quoted base URL>/P to P on that server.
+FLAGS_TOKEN = "flags-token-0123456789"
+FLAGS = {
+    "AUTO_MIGRATE": False,
+    "MIGRATION_DRY_RUN": True,
+    "MIGRATION_MAX_RETRIES": 3,
+    "MIGRATION_LOCK_TIMEOUT": 300,
+    "MIGRATION_CACHE_TTL": 60,
+    "EMERGENCY_BYPASS": False,
+}
 
 
 class HealthHandler(BaseHTTPRequestHandler):
@@ -30,7 +43,14 @@ class HealthHandler(BaseHTTPRequestHandler):
         if path == "/loop":  # a redirect to itself, for ever
             return self.answer(302, Location="/loop")
         if path.startswith("/trickle-"):
-            return self.trickle(headers_too=path == "/trickle-headers")
+            return self.trickle(headers_too=path.startswith("/trickle-headers"))
+        if path.startswith("/same/"):
+            return self.answer(302, Location=path.removeprefix("/same"))
+        if path.startswith("/redirect/"):
+            base, _, rest = path.removeprefix("/redirect/").partition("/")
+            return self.answer(302, Location=f"{urllib.parse.unquote(base)}/{rest}")
+        if path.startswith("/api/targets/") and path.endswith("/flags"):
+            return self.flags()
         if path == "/slow":
             time.sleep(SLOW_SECONDS)
         status = STATUSES.get(path, 404)
@@ -44,6 +64,19 @@ class HealthHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def flags(self):
+        if self.headers["Authorization"] == f"Bearer {FLAGS_TOKEN}":
+            status, body = 200, {"flags": FLAGS}
+        else:
+            status, body = 401, {"error": {"code": "unauthorized", "message": "a valid token"}}
+        content = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("ETag", '"v1"')
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
 
     def trickle(self, *, headers_too: bool):
         """A 200 whose headers (or body) come one byte at a time."""
