@@ -1,8 +1,11 @@
 """``flag_client.http_fetcher`` against real local HTTP servers: the token stays with the
 console's origin, and one deadline bounds a request however the bytes come."""
 
+import subprocess
+import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +108,20 @@ def test_a_cut_request_falls_back_on_the_cached_flags(console, tmp_path):
     assert reading.origin == "cache (console unreachable)"
     assert reading.note.startswith("the console did not answer within 0.8 s at ")
     assert time.monotonic() - started < 1.3
+
+
+def test_the_client_needs_nothing_but_the_standard_library():
+    """Applications copy the file as it is: loaded on its own, it imports only the stdlib."""
+    path = Path(flag_client.__file__)
+    load = (
+        "import importlib.util, sys; before = set(sys.modules); "
+        "spec = importlib.util.spec_from_file_location('copied', sys.argv[1]); "
+        "module = sys.modules['copied'] = importlib.util.module_from_spec(spec); "
+        "spec.loader.exec_module(module); "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} "
+        "- set(sys.stdlib_module_names) - {'copied'}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-c", load, str(path)], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
