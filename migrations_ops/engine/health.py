@@ -113,6 +113,17 @@ def _embedded(address: Address) -> list[Address]:
     return found
 
 
+def refused_literal(url: str, allowed_networks: Iterable[str] = ()) -> str:
+    """The address a URL names by number when the policy refuses it, else "": what can be
+    said when the URL is typed. A host name is judged when it is asked (it may change)."""
+    try:
+        host = httpx.URL(url).host
+        address = ipaddress.ip_address(host)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ""
+    return "" if DestinationPolicy.allowing(allowed_networks).permits(address) else str(address)
+
+
 def probe(url: str, timeout: float, *, allowed_networks: Iterable[str] = ()) -> HealthAnswer:
     """GET ``url`` (redirects followed, within the policy); 2xx means the application responds.
     ``timeout`` bounds the whole check. Never raises for what the network or the application
