@@ -155,7 +155,7 @@ def probe(url: str, timeout: float, *, allowed_networks: Iterable[str] = ()) -> 
         return answer(error="did not give an HTTP answer")
     except (httpcore.NetworkError, OSError):
         return answer(error="broke the connection")
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpcore.HTTPCoreError, ValueError):
         return answer(error="could not be asked")
     return answer(status)
 

@@ -90,6 +90,11 @@ def test_only_http_urls_are_asked(url):
     assert answer.describe().endswith("is not an http(s) URL")
 
 
+def test_a_failed_tls_handshake_is_said(health_server):
+    answer = probe(health_server.replace("http://", "https://") + "/ok")
+    assert answer.error == "failed the TLS handshake"
+
+
 # --- credentials stay with their origin ------------------------------------------------------
 def test_credentials_do_not_follow_a_redirect_to_another_origin(other_server):
     with running() as first:
