@@ -141,14 +141,14 @@ def probe(url: str, timeout: float, *, allowed_networks: Iterable[str] = ()) -> 
         return answer(error="is not an http(s) URL")
     if start.scheme not in DEFAULT_PORTS or not start.host:
         return answer(error="is not an http(s) URL")
-    headers = {"User-Agent": USER_AGENT}
+    credentials = ""
     if start.username or start.password:  # sent as a header, and to this origin only
-        credentials = f"{start.username}:{start.password}"  # httpx has decoded them
-        headers["Authorization"] = f"Basic {base64.b64encode(credentials.encode()).decode()}"
+        userinfo = f"{start.username}:{start.password}"  # httpx has decoded them
+        credentials = f"Basic {base64.b64encode(userinfo.encode()).decode()}"
     try:
-        status = _follow(start, headers, policy, deadline)
-    except _Refusal as refusal:
-        return answer(error=refusal.message)
+        status = _follow(start, credentials, policy, deadline)
+    except _CheckFailed as failure:
+        return answer(error=failure.message)
     except httpcore.TimeoutException:
         return answer(error=f"did not answer within {timeout:g} s")
     except httpcore.ProtocolError:
@@ -180,19 +180,19 @@ def probe_all(
 
 # --- following redirects ---------------------------------------------------------------------
 def _follow(
-    start: httpx.URL, headers: dict[str, str], policy: DestinationPolicy, deadline: _Deadline
+    start: httpx.URL, credentials: str, policy: DestinationPolicy, deadline: _Deadline
 ) -> int:
-    """The status of the last answer, redirects followed by hand so that credentials stay
-    with their origin and every hop is inside the deadline and the policy."""
+    """The status of the last answer, redirects followed by hand so that the credentials
+    (an Authorization value, or "") stay with their origin and every hop is inside the
+    deadline and the policy."""
     origin = _origin(start)
-    credentials = headers.pop("Authorization", None)
     # No cookie kept between hops: they would be another credential crossing origins.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
     transport = _GuardedTransport(policy, deadline)
     with httpx.Client(transport=transport, trust_env=False, cookies=no_cookies) as client:
         url = start.copy_with(username=None, password=None)
         for _ in range(MAX_REDIRECTS + 1):
-            asked = dict(headers)
+            asked = {"User-Agent": USER_AGENT}
             if credentials and _origin(url) == origin:
                 asked["Authorization"] = credentials
             response = client.send(client.build_request("GET", url, headers=asked), stream=True)
@@ -205,11 +205,11 @@ def _follow(
             try:
                 url = url.join(response.headers["Location"])
             except httpx.InvalidURL:
-                raise _Refusal("redirected to a URL that is not one") from None
+                raise _CheckFailed("redirected to an invalid URL") from None
             if url.scheme not in DEFAULT_PORTS or not url.host:
-                raise _Refusal("redirected to a URL that is not http(s)")
+                raise _CheckFailed("redirected to a URL that is not http(s)")
             url = url.copy_with(username=None, password=None, fragment=None)
-    raise _Refusal(f"redirected more than {MAX_REDIRECTS} times")
+    raise _CheckFailed(f"redirected more than {MAX_REDIRECTS} times")
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
@@ -224,8 +224,8 @@ def _read_some(response: httpx.Response) -> None:
             return
 
 
-class _Refusal(Exception):
-    """The check stops with this short, fixed message."""
+class _CheckFailed(Exception):
+    """The check ends here, unanswered, with this short, fixed message."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -280,7 +280,7 @@ class _DeadlineStream(httpcore.NetworkStream):
             )
         except httpcore.ConnectError as error:
             if isinstance(error.__cause__ or error.__context__, ssl.SSLError):
-                raise _Refusal("failed the TLS handshake") from None
+                raise _CheckFailed("failed the TLS handshake") from None
             raise
         return _DeadlineStream(secured, self._deadline)
 
@@ -307,7 +307,7 @@ class _GuardedBackend(httpcore.NetworkBackend):
     ) -> httpcore.NetworkStream:
         addresses = _resolve(host, port, self._deadline)
         if not addresses or not all(self._policy.permits(each) for each in addresses):
-            raise _Refusal(REFUSED)  # one refused address refuses the name: no picking
+            raise _CheckFailed(REFUSED)  # one refused address refuses the name: no picking
         for address in addresses:  # the checked address itself: no second resolution
             try:
                 left = self._deadline.left()
@@ -321,10 +321,10 @@ class _GuardedBackend(httpcore.NetworkBackend):
                 continue
             return _DeadlineStream(stream, self._deadline)
         # Refused, unreachable and silent (filtered) ports all read the same.
-        raise _Refusal(UNREACHABLE)
+        raise _CheckFailed(UNREACHABLE)
 
     def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise _Refusal(REFUSED)
+        raise _CheckFailed(REFUSED)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(min(seconds, max(0.0, self._deadline.ends - time.monotonic())))
@@ -350,14 +350,14 @@ def _resolve(host: str, port: int, deadline: _Deadline) -> list[Address]:
     with contextlib.suppress(httpcore.TimeoutException):  # no time left: no answer either
         lookup.join(deadline.left())
     if "answer" not in found:
-        raise _Refusal(UNREACHABLE)
+        raise _CheckFailed(UNREACHABLE)
     addresses: list[Address] = []
     for _family, _type, _proto, _name, sockaddr in found["answer"]:
         address = ipaddress.ip_address(sockaddr[0])
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise _Refusal(UNRESOLVED)
+        raise _CheckFailed(UNRESOLVED)
     return addresses
 
 
