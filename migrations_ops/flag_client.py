@@ -6,14 +6,24 @@ its TTL has passed the flags are read from that file; after it, the console is a
 cached flags are used, and said to be; with nothing cached the migrator must not run at all.
 
 Standard library only and no Django, so an application can copy this module as it is.
+
+Over HTTP (``http_fetcher``) the token goes to the console's origin only: a redirect within it
+is followed, one to another scheme, host or port is refused and said, never followed with the
+token or without it (flags from elsewhere are not the console's). ``timeout`` bounds the whole
+request, not each socket operation: a console, or anything on the way, that sends a byte at a
+time is cut off when it runs out (``_Deadline``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -176,42 +186,163 @@ def flags_url(console_url: str, target: str) -> str:
 def http_fetcher(
     console_url: str, token: str, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS
 ) -> Fetcher:
-    """Ask ``GET /api/targets/<name>/flags`` with the application's API token."""
+    """Ask ``GET /api/targets/<name>/flags`` with the application's API token, within
+    ``timeout`` seconds in all."""
     if urllib.parse.urlsplit(console_url).scheme not in ("http", "https"):
         raise FlagsUnavailable(f"the console URL must be http(s)://…, not {console_url!r}")
-    # urllib also opens file: and ftp: URLs; only HTTP is asked (hence the S310 waivers).
     url = flags_url(console_url, target)
 
     def fetch(etag: str) -> Fetched:
         asked = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        # urllib also opens file: and ftp: URLs; only HTTP is asked (hence the S310 waiver).
         request = urllib.request.Request(url, headers=asked)  # noqa: S310
         if etag:
             request.add_header("If-None-Match", etag)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-                body = response.read()
-                headers = response.headers
-        except urllib.error.HTTPError as error:
-            if error.code == 304:
-                return Fetched(None, error.headers.get("ETag", ""), _max_age(error.headers))
-            if error.code >= 500:
-                raise ConsoleUnreachable(f"the console answered {error.code} at {url}") from None
-            # A refusal (bad token, no scope, unknown target) is an answer, not an outage:
-            # flags cached under an old token must not keep the migrator going.
-            raise FlagsUnavailable(
-                f"the console refused to give the flags ({error.code}): {_error_message(error)}"
-            ) from None
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ConsoleUnreachable(f"the console is unreachable at {url} ({reason})") from None
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            raise FlagsUnavailable(f"the console's answer at {url} is not JSON") from None
-        flags = answer.get("flags") if isinstance(answer, dict) else None
-        return Fetched(validate_flags(flags), headers.get("ETag", ""), _max_age(headers))
+        with _Deadline(timeout) as deadline:
+            opener = urllib.request.build_opener(
+                _SameOriginRedirects, _WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline)
+            )
+            try:
+                return _ask(opener, request, timeout)
+            except Exception:
+                if deadline.passed:  # whatever the cut-off connection said, this is why
+                    raise ConsoleUnreachable(
+                        f"the console did not answer within {timeout:g} s at {url}"
+                    ) from None
+                raise
 
     return fetch
+
+
+def _ask(opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float):
+    url = request.full_url
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read()
+            headers = response.headers
+    except urllib.error.HTTPError as error:
+        if error.code == 304:
+            return Fetched(None, error.headers.get("ETag", ""), _max_age(error.headers))
+        if error.code >= 500:
+            raise ConsoleUnreachable(f"the console answered {error.code} at {url}") from None
+        # A refusal (bad token, no scope, unknown target) is an answer, not an outage:
+        # flags cached under an old token must not keep the migrator going.
+        raise FlagsUnavailable(
+            f"the console refused to give the flags ({error.code}): {_error_message(error)}"
+        ) from None
+    except _CrossOriginRedirect as redirect:
+        raise FlagsUnavailable(
+            f"the console at {url} redirected to {redirect.origin}, another origin: the token "
+            "is not sent there (give the console's own URL)"
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        raise ConsoleUnreachable(f"the console is unreachable at {url} ({reason})") from None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        raise FlagsUnavailable(f"the console's answer at {url} is not JSON") from None
+    flags = answer.get("flags") if isinstance(answer, dict) else None
+    return Fetched(validate_flags(flags), headers.get("ETag", ""), _max_age(headers))
+
+
+# --- the token stays with the console --------------------------------------------------------
+class _CrossOriginRedirect(Exception):
+    def __init__(self, origin: str):
+        super().__init__(origin)
+        self.origin = origin
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # not a port: no origin the token could belong to
+        port = -1
+    return scheme, (parts.hostname or ""), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect within the request's origin (scheme, host, port), headers and token
+    with it; refuses any other, where urllib would have carried the token along."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            scheme, host, port = _origin(newurl)
+            raise _CrossOriginRedirect(f"{scheme}://{host}:{port}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# --- one deadline for the whole request ------------------------------------------------------
+class _Deadline:
+    """``seconds`` for a whole request. urllib's time-out is per socket operation, so a byte
+    now and then would keep a request going for ever: a timer shuts down the request's
+    connections when the time is up, which ends any read or write blocked on them."""
+
+    def __init__(self, seconds: float):
+        self.passed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.passed:
+                self._sockets.append(sock)
+                return
+        _shut(sock)  # connected after the deadline: not to be used
+
+    def connection_class(self, base: type[http.client.HTTPConnection]):
+        deadline = self
+
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also under TLS: it wakes the blocked reader in the other
+    # thread at once, without a TLS goodbye to a peer that is not listening.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Watched:
+    """A urllib handler whose connections the deadline can end."""
+
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self._deadline.connection_class(http_class), req, **kwargs)
+
+
+class _WatchedHTTPHandler(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_Watched, urllib.request.HTTPSHandler):
+    pass
 
 
 def _max_age(headers) -> int | None:

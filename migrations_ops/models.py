@@ -13,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from migrations_ops import engine
+from migrations_ops.engine import health
 from migrations_ops.fields import EncryptedTextField
 from opsconsole.append_only import AppendOnlyModel
 
@@ -165,6 +166,17 @@ class Target(models.Model):
             )
         if self.schema and self.connection_url and self.dialect == "sqlite":
             raise ValidationError({"schema": "A schema can only be set for PostgreSQL targets."})
+        refused = self.health_url and health.refused_literal(
+            self.health_url, settings.HEALTH_CHECK_ALLOWED_NETWORKS
+        )
+        if refused:
+            raise ValidationError(
+                {
+                    "health_url": f"{refused} is a loopback, link-local or private address: "
+                    "health checks do not go there unless HEALTH_CHECK_ALLOWED_NETWORKS "
+                    "allows it."
+                }
+            )
 
 
 # What a person sets on a target: the admin form, its audit record and registration use these.

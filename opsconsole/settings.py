@@ -7,9 +7,11 @@ Celery tasks executed in-process. Production deployments use ``opsconsole.settin
 import base64
 import datetime as dt
 import hashlib
+import ipaddress
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -226,8 +228,31 @@ TARGET_KEEP_CONNECTIONS = env.bool("TARGET_KEEP_CONNECTIONS", default=True)
 # PostgreSQL targets, since the status API reads every target every STATUS_MAX_AGE seconds
 # (with fewer, each of those reads opens a connection: a new server process on the target).
 TARGET_KEEP_CONNECTIONS_MAX = env.int("TARGET_KEEP_CONNECTIONS_MAX", default=64)
-# Seconds an application's health URL (Target.health_url) has to answer an incident's checks.
+# Seconds an application's health URL (Target.health_url) has for the whole of one check:
+# resolution, connection, TLS, the answer and every redirect. An incident's targets are checked
+# at once, so its Run checks takes about this long however many of them are slow.
 HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=5)
+
+
+def health_check_networks(default: list[str]) -> list[str]:
+    """HEALTH_CHECK_ALLOWED_NETWORKS: the networks (CIDRs) a health check may reach besides the
+    public internet. Loopback, link-local (cloud metadata), private (RFC 1918, ULA), shared,
+    multicast, reserved and unspecified addresses are refused otherwise, after DNS resolution
+    and on every redirect. Each is checked here, so that a typo stops the start, not a check."""
+    networks = [text.strip() for text in env.list("HEALTH_CHECK_ALLOWED_NETWORKS", default=default)]
+    for text in filter(None, networks):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"HEALTH_CHECK_ALLOWED_NETWORKS: {text!r} is not a network (e.g. 10.0.0.0/8)"
+            ) from None
+    return list(filter(None, networks))
+
+
+# The development console (DEBUG) may check health URLs on this machine; production allows
+# nothing but public addresses unless told (settings_production).
+HEALTH_CHECK_ALLOWED_NETWORKS = health_check_networks(["127.0.0.0/8", "::1/128"] if DEBUG else [])
 # Target connection URLs are stored encrypted (Fernet) with these keys: the first encrypts,
 # every one decrypts, so a new key goes first and the old one stays until `ops rotate-secrets`
 # has re-encrypted every URL. A key: python -c "from cryptography.fernet import Fernet;

@@ -4,7 +4,7 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
 from .settings import *  # noqa: F403
-from .settings import INSECURE_DEFAULT_SECRET_KEY, env
+from .settings import INSECURE_DEFAULT_SECRET_KEY, env, health_check_networks
 
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="")
@@ -20,6 +20,8 @@ if (
         '(python -c "import secrets; print(secrets.token_urlsafe(64))")'
     )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")
+# Health checks reach public addresses only, unless networks are named (settings.py).
+HEALTH_CHECK_ALLOWED_NETWORKS = health_check_networks([])
 
 # The key that encrypts the targets' connection URLs (settings.py): never derived here.
 TARGET_SECRET_KEY = env.list("TARGET_SECRET_KEY", default=[])

@@ -24,3 +24,5 @@ CELERY_TASK_DEFAULT_QUEUE = f"opsconsole-test-{os.getpid()}"
 # Nearly every test reads a target of its own: a process-wide pool as large as production's
 # would only pile up idle sessions on the shared test server.
 TARGET_KEEP_CONNECTIONS_MAX = 8
+# The tests' HTTP servers listen on loopback; the policy's refusals are tested without it.
+HEALTH_CHECK_ALLOWED_NETWORKS = ["127.0.0.0/8"]

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import re
+import time
 
 import pytest
 from django.contrib.auth.models import Group
@@ -14,7 +15,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.models import Door
 from migrations_ops.roles import INCIDENT_COMMANDER
 from tests.factories import TargetFactory, UserFactory
-from tests.health_server import refused_url
+from tests.health_server import SLOW_SECONDS, redirect_to, refused_url, running
 from tests.scripts_folder import EMAIL, USERS, write_folder
 
 pytestmark = pytest.mark.django_db
@@ -176,7 +177,7 @@ def test_a_refused_connection_fails_the_item(commander, billing):
 
     assert api_item(incident) == (
         "failed",
-        f"billing: {billing.health_url} refused the connection",
+        f"billing: {billing.health_url} could not be reached",
         True,
     )
 
@@ -222,3 +223,125 @@ def test_targets_without_a_health_url_leave_a_passing_item_pending(
     billing.save()
     services.run_checks(actor=commander, incident=incident)
     assert api_item(incident)[0] == "failed"
+
+
+# --- outbound HTTP: credentials, destinations, one deadline -------------------------------------
+def test_the_health_urls_credentials_stay_with_their_origin(commander, billing, health_server):
+    billing.db.create_runbook_books()
+    with running() as elsewhere:
+        start = redirect_to(health_server, f"{elsewhere.url}/private")
+        billing.health_url = start.replace("http://", "http://probe:s3cret@")
+        billing.save()
+
+        services.run_checks(actor=commander, incident=open_on(commander, billing))
+
+        assert [path for path, _ in elsewhere.seen] == ["/private"]
+        assert "Authorization" not in elsewhere.seen[0][1]
+    result, evidence, _ = api_item(billing.incidents.get())
+    assert result == "failed"
+    assert "answered 401" in evidence
+    assert "s3cret" not in evidence
+
+
+def test_loopback_and_private_health_urls_are_refused_alike(
+    commander, billing, health_server, settings
+):
+    """Without HEALTH_CHECK_ALLOWED_NETWORKS naming them, the console's own machine, its
+    network and the cloud metadata service are not asked, and an open port reads like a
+    closed one."""
+    settings.HEALTH_CHECK_ALLOWED_NETWORKS = []
+    billing.db.create_runbook_books()
+    billing.health_url = f"{health_server}/ok"  # open
+    billing.save()
+    urls = {
+        "closed": refused_url(),
+        "redis": "http://127.0.0.1:6379/",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "private": "http://10.0.0.1/health",
+    }
+    others = [TargetFactory(name=name, health_url=url) for name, url in urls.items()]
+    incident = services.open_incident(
+        actor=commander,
+        title="everywhere",
+        scenario=Scenario.MIGRATION_FAILURE,
+        severity="sev2",
+        targets=[billing, *others],
+    )
+
+    services.run_checks(actor=commander, incident=incident)
+
+    result, evidence, _ = api_item(incident)
+    assert result == "failed"
+    said = dict(part.split(": ", 1) for part in evidence.split("; "))
+    assert said == {
+        "billing": f"{health_server}/ok refused by the destination policy",
+        **{name: f"{url} refused by the destination policy" for name, url in urls.items()},
+    }
+
+
+@pytest.mark.usefixtures("roles")
+def test_run_checks_in_the_admin_cuts_a_trickling_health_url_at_the_deadline(
+    client, billing, health_server, settings
+):
+    settings.HEALTH_CHECK_TIMEOUT = 1.0
+    user = UserFactory(username="on-duty")
+    user.groups.add(Group.objects.get(name=INCIDENT_COMMANDER))
+    client.force_login(user)
+    billing.db.create_runbook_books()
+    billing.health_url = f"{health_server}/trickle-headers"  # a byte every half second
+    billing.save()
+    incident = open_on(Actor.for_user(user, Door.ADMIN), billing)
+
+    started = time.monotonic()
+    response = client.post(
+        reverse("admin:incidents_incident_changelist"),
+        {"action": "run_checks", "_selected_action": [incident.pk]},
+        follow=True,
+    )
+    took = time.monotonic() - started
+
+    assert response.status_code == 200
+    assert "API endpoints responding failed" in response.content.decode()
+    assert api_item(incident)[:2] == (
+        "failed",
+        f"billing: {billing.health_url} did not answer within 1 s",
+    )
+    assert took < 2.5, took
+
+
+@pytest.mark.usefixtures("roles")
+def test_run_checks_in_the_admin_asks_five_slow_health_urls_at_once(
+    client, billing, health_server, settings
+):
+    """Five endpoints each slower than the deadline: the admin answers after about one
+    deadline, not five."""
+    settings.HEALTH_CHECK_TIMEOUT = 1.0
+    assert SLOW_SECONDS > 1.0
+    user = UserFactory(username="on-duty")
+    user.groups.add(Group.objects.get(name=INCIDENT_COMMANDER))
+    client.force_login(user)
+    billing.db.create_runbook_books()
+    billing.health_url = f"{health_server}/slow"
+    billing.save()
+    slow = [TargetFactory(name=f"slow-{n}", health_url=f"{health_server}/slow") for n in range(4)]
+    incident = services.open_incident(
+        actor=Actor.for_user(user, Door.ADMIN),
+        title="five apps",
+        scenario=Scenario.MIGRATION_FAILURE,
+        severity="sev2",
+        targets=[billing, *slow],
+    )
+
+    started = time.monotonic()
+    response = client.post(
+        reverse("admin:incidents_incident_changelist"),
+        {"action": "run_checks", "_selected_action": [incident.pk]},
+        follow=True,
+    )
+    took = time.monotonic() - started
+
+    assert response.status_code == 200
+    result, evidence, _ = api_item(incident)
+    assert result == "failed"
+    assert evidence.count("did not answer within 1 s") == 5
+    assert 1.0 <= took < 2.5, took

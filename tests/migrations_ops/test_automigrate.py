@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,23 @@ def test_reads_the_flags_over_http_with_etag_and_ttl(shop, tmp_path, live_server
 
     _, _, error = automigrate(tmp_path / "other.json", "--console", live_server.url, "--token", "x")
     assert error.startswith("cannot read the flags of shop: the console refused to give the flags")
+
+
+def test_the_token_does_not_follow_the_console_to_another_origin(shop, tmp_path):
+    from tests.health_server import running
+
+    target_db, _ = shop
+    with running() as console, running() as elsewhere:
+        moved = f"{console.url}/redirect/{urllib.parse.quote(elsewhere.url, safe='')}"
+        code, _, error = automigrate(tmp_path / "f.json", "--console", moved, "--token", "t0k")
+        assert elsewhere.seen == []
+    assert code == 1
+    assert error == (
+        f"cannot read the flags of shop: the console at {moved}/api/targets/shop/flags "
+        f"redirected to http://127.0.0.1:{elsewhere.server_address[1]}, another origin: the "
+        "token is not sent there (give the console's own URL)"
+    )
+    assert not orders_exists(target_db)
 
 
 # --- several instances starting at once ----------------------------------------------------------

@@ -384,3 +384,19 @@ def test_register_takes_a_health_url():
     with pytest.raises(CommandError, match=r"^health_url: Enter a valid URL\.$"):
         ops(*register, "--name", "billing", "--health-url", "billing health")
     assert not Target.objects.filter(name="billing").exists()
+
+
+def test_register_refuses_a_health_url_on_a_private_address(settings):
+    settings.HEALTH_CHECK_ALLOWED_NETWORKS = []
+    register = ["register", "--url", "sqlite:////tmp/orders.sqlite3", "--convention", "runbook"]
+    with pytest.raises(CommandError) as refused:
+        ops(
+            *register,
+            *("--environment", "staging", "--name", "orders"),
+            *("--health-url", "http://169.254.169.254/latest/meta-data/"),
+        )
+    assert str(refused.value) == (
+        "health_url: 169.254.169.254 is a loopback, link-local or private address: health "
+        "checks do not go there unless HEALTH_CHECK_ALLOWED_NETWORKS allows it."
+    )
+    assert not Target.objects.filter(name="orders").exists()

@@ -97,3 +97,30 @@ def test_production_settings_require_a_long_audit_chain_key(audit_key):
     result = run_production("check", AUDIT_CHAIN_KEY=audit_key)
     assert result.returncode != 0
     assert "AUDIT_CHAIN_KEY must be set in production" in result.stderr
+
+
+def health_check_networks(settings_module: str, **environment: str) -> str:
+    shown = "from django.conf import settings; print(settings.HEALTH_CHECK_ALLOWED_NETWORKS)"
+    result = run_production(
+        "shell", "-c", shown, DJANGO_SETTINGS_MODULE=settings_module, **environment
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]  # after what the shell says of itself
+
+
+def test_health_checks_reach_loopback_in_development_and_nothing_private_in_production():
+    assert health_check_networks("opsconsole.settings") == "['127.0.0.0/8', '::1/128']"
+    assert health_check_networks("opsconsole.settings_production") == "[]"
+    named = health_check_networks(
+        "opsconsole.settings_production", HEALTH_CHECK_ALLOWED_NETWORKS="10.20.0.0/16,fd12::/64"
+    )
+    assert named == "['10.20.0.0/16', 'fd12::/64']"
+
+
+def test_a_health_check_network_that_is_not_one_stops_the_start():
+    result = run_production("check", HEALTH_CHECK_ALLOWED_NETWORKS="10.0.0.0/8,intranet")
+    assert result.returncode != 0
+    assert (
+        "HEALTH_CHECK_ALLOWED_NETWORKS: 'intranet' is not a network (e.g. 10.0.0.0/8)"
+        in result.stderr
+    )
