@@ -48,6 +48,7 @@ from migrations_ops.models import (
     WorkerHeartbeat,
 )
 from migrations_ops.models import AlertThresholds as AlertThresholdsRow
+from opsconsole.celery import app as celery_app
 from opsconsole.spreadsheets import csv_lines
 
 
@@ -611,8 +612,9 @@ def worker_rows() -> list[WorkerHeartbeat]:
 def worker_liveness(now: dt.datetime | None = None) -> WorkerLiveness:
     """One query (none with tasks run in-process)."""
     now = now or timezone.now()
-    queue = settings.CELERY_TASK_DEFAULT_QUEUE
-    in_process = bool(settings.CELERY_TASK_ALWAYS_EAGER)
+    # As Celery is configured (CELERY_TASK_DEFAULT_QUEUE, CELERY_TASK_ALWAYS_EAGER).
+    queue = celery_app.conf.task_default_queue
+    in_process = bool(celery_app.conf.task_always_eager)
     rows = [] if in_process else worker_rows()
     of_queue = [row for row in rows if queue in row.queues]
     since = now - dt.timedelta(seconds=settings.WORKER_SEEN_WITHIN)
