@@ -1098,8 +1098,10 @@ class SweepReport:
 
 
 def sweep_operations(now: dt.datetime | None = None, *, actor: Actor | None = None) -> SweepReport:
-    """Run periodically (the ``migrations_ops.sweep_operations`` task, scheduled by ``make
-    beat``) or by hand (``ops sweep``):
+    """Run periodically (the ``migrations_ops.sweep_operations`` task, which ``make beat``
+    runs in beat's own process, so it needs no worker: opsconsole/beat.py) or by hand (``ops
+    sweep``). Two sweeps at once (two beats) are harmless: marking lost and expiring are
+    conditional updates, which one of them wins; sending twice is a duplicate message.
 
     - an operation queued longer than OUTBOX_RESEND_AFTER seconds (its task never sent, or lost
       by the broker) is sent again, at most once per that many seconds: a duplicate is harmless,

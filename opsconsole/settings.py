@@ -209,9 +209,8 @@ CELERY_BEAT_SCHEDULER = "opsconsole.beat:ConsoleScheduler"
 CELERY_BEAT_SCHEDULE = {
     "sweep-operations": {
         "task": "migrations_ops.sweep_operations",
+        # Run by beat itself, one sweep at a time (no message, so nothing to expire).
         "schedule": float(OPERATION_SWEEP_INTERVAL),
-        # A sweep not started within one interval is dropped: the next one does its work.
-        "options": {"expires": OPERATION_SWEEP_INTERVAL},
     },
     "observe-targets": {
         "task": "migrations_ops.observe_targets",
