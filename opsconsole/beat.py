@@ -10,15 +10,12 @@ makes is a conditional update (see ``services.sweep_operations``).
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 from django.db import close_old_connections
 from django_celery_beat.schedulers import DatabaseScheduler
 
 from opsconsole import middleware
-
-logger = logging.getLogger(__name__)
 
 
 class ConsoleScheduler(DatabaseScheduler):
@@ -39,8 +36,9 @@ class ConsoleScheduler(DatabaseScheduler):
 def run_in_beat(task, args=(), kwargs=None):
     """Run ``task`` in this process, as a worker would run it: the console's connection
     checked before and after (Django's rules, as around a web request), the audit events it
-    writes carrying its task id as their request id. A failure is logged, never raised: beat
-    goes on with its schedule. Returns the task's EagerResult."""
+    writes carrying its task id as their request id. Celery logs how it went, a failure with
+    its traceback, which is not raised: beat goes on with its schedule. Returns the task's
+    EagerResult."""
     task_id = str(uuid.uuid4())
     close_old_connections()
     middleware.bind_task(task_id)
@@ -49,8 +47,4 @@ def run_in_beat(task, args=(), kwargs=None):
     finally:
         middleware.unbind_task()
         close_old_connections()
-    if result.failed():
-        logger.error("%s[%s] failed in beat: %r", task.name, task_id, result.result)
-    else:
-        logger.info("%s[%s] ran in beat: %s", task.name, task_id, result.result)
     return result
