@@ -196,6 +196,7 @@ OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
 # every WORKER_HEARTBEAT_SECONDS. When no worker of the task queue has been seen within
 # WORKER_SEEN_WITHIN seconds, the dashboard, /api/migrations/health (critical) and /metrics say
 # so: nothing would run the operations the console queues. Not with tasks run in-process.
+# Keep WORKER_SEEN_WITHIN a few heartbeats long, or a worker alive is reported missing.
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=15)
 WORKER_SEEN_WITHIN = env.int("WORKER_SEEN_WITHIN", default=60)
 # Every target's lock is read this often (services.observe_targets), so the dashboard, the
