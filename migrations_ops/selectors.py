@@ -567,6 +567,11 @@ class WorkerLiveness:
 
     @property
     def message(self) -> str:
+        return self.describe(names=True)
+
+    def describe(self, *, names: bool) -> str:
+        """One line for people; ``names=False`` leaves the workers' host names out (the API:
+        an application's token has no business knowing the console's hosts)."""
         if self.in_process:
             return (
                 "tasks run in the console's own processes (CELERY_TASK_ALWAYS_EAGER): "
@@ -574,33 +579,34 @@ class WorkerLiveness:
             )
         queue = f"queue {self.queue!r}"
         if self.alive:
-            names = ", ".join(worker.hostname for worker in self.alive)
-            return f"{len(self.alive)} worker(s) of {queue} alive: {names}"
+            alive = f"{len(self.alive)} worker(s) of {queue} alive"
+            return f"{alive}: {', '.join(w.hostname for w in self.alive)}" if names else alive
         consequence = (
             f"operations stay queued and nothing runs them; start a worker (make worker) on {queue}"
         )
         last = self.last_seen
         if last is None:
             return f"no worker of {queue} has ever been seen: {consequence}"
+        who = last.hostname if names else "the last one"
         how = "stopped" if last.stopped_at is not None else "last seen"
         when = f"{last.last_seen_at:%Y-%m-%d %H:%M:%S} UTC"
         return (
-            f"no worker of {queue} seen within {self.seen_within} s: {last.hostname} {how} "
+            f"no worker of {queue} seen within {self.seen_within} s: {who} {how} "
             f"{humanize_seconds(self.last_seen_seconds)} ago ({when}); {consequence}"
         )
 
     def as_dict(self) -> dict[str, Any]:
+        """For the API: counts and times, no host names."""
         last = self.last_seen
         return {
             "status": self.status,
             "in_process": self.in_process,
             "queue": self.queue,
             "seen_within_seconds": self.seen_within,
-            "alive": [worker.hostname for worker in self.alive],
-            "last_seen_worker": last.hostname if last else None,
+            "alive": len(self.alive),
             "last_seen_at": last.last_seen_at.isoformat() if last else None,
             "last_seen_seconds": self.last_seen_seconds,
-            "message": self.message,
+            "message": self.describe(names=False),
         }
 
 
