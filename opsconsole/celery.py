@@ -1,7 +1,10 @@
 """The Celery application. Configuration comes from Django settings (``CELERY_*``)."""
 
+from __future__ import annotations
+
 import gc
 import os
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from celery.signals import (
@@ -11,6 +14,9 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
+
+if TYPE_CHECKING:
+    from migrations_ops.services import WorkerLivenessBeat
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "opsconsole.settings")
 
@@ -63,7 +69,7 @@ def freeze_start_up_objects(**kwargs) -> None:
 
 
 # This worker's liveness heartbeat (services.WorkerLivenessBeat), while it runs.
-_liveness_beats: dict[str, object] = {}
+_liveness_beats: dict[str, WorkerLivenessBeat] = {}
 
 
 @worker_ready.connect
