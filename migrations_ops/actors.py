@@ -33,7 +33,8 @@ class Actor:
 
     @classmethod
     def sweeper(cls) -> Actor:
-        """The periodic sweeper (``services.sweep_operations`` run by Celery beat)."""
+        """The periodic sweeper (``services.sweep_operations`` run by Celery beat, in beat's
+        own process). Named ``worker:sweeper`` as ever, so the audit trail reads the same."""
         return cls.worker("sweeper")
 
     @classmethod

@@ -225,16 +225,22 @@ def _etags(header: str) -> set[str]:
 def migrations_health(request):
     """``ok`` / ``warning`` / ``critical`` per target and overall by the runbook's alert
     thresholds, each failing check named; 503 when critical. Locks are read as for the status
-    (readings at most STATUS_MAX_AGE seconds old)."""
+    (readings at most STATUS_MAX_AGE seconds old). ``workers``: critical when no worker has
+    been seen within WORKER_SEEN_WITHIN seconds, and when one was last seen."""
     target_ids = scope_target_ids(request)
     readings = {report["name"]: report for report in services.target_status_reports(target_ids)}
     thresholds = selectors.AlertThresholds.current()
     allowed = set(target_ids)
     rows = [row for row in selectors.fleet_overview(thresholds=thresholds) if row["id"] in allowed]
-    overall = selectors.worst_state([{"status": row["state"]} for row in rows])
+    # No worker alive: nothing runs the operations the console queues (critical too).
+    workers = selectors.worker_liveness()
+    overall = selectors.worst_state(
+        [{"status": row["state"]} for row in rows] + [{"status": workers.status}]
+    )
     body = {
         "status": overall,
         "checked_at": timezone.now().isoformat(),
+        "workers": workers.as_dict(),
         "thresholds": {
             "lock_held_seconds": thresholds.lock_held_seconds,
             "failure_rate": thresholds.failure_rate,

@@ -55,6 +55,29 @@ class ConsoleCollector:
         for severity, count in snapshot.open_incidents.items():
             incidents.add_metric([severity], count)
         yield incidents
+        yield from worker_families(selectors.worker_liveness(now))
+
+
+def worker_families(liveness: selectors.WorkerLiveness) -> Iterator[Metric]:
+    """The console's workers, console-wide (no target in them). Absent with tasks run
+    in-process: there is no worker to miss."""
+    if liveness.in_process:
+        return
+    alive = GaugeMetricFamily(
+        "opsconsole_workers_alive",
+        "Workers of the console's task queue seen alive within WORKER_SEEN_WITHIN seconds "
+        "(0: nothing runs the operations it queues).",
+    )
+    alive.add_metric([], len(liveness.alive))
+    yield alive
+    if liveness.last_seen_seconds is not None:
+        last_seen = GaugeMetricFamily(
+            "opsconsole_worker_last_seen_seconds",
+            "Seconds since a worker of the console's task queue was last seen alive (absent if "
+            "none ever was).",
+        )
+        last_seen.add_metric([], liveness.last_seen_seconds)
+        yield last_seen
 
 
 def target_families(snapshot: selectors.MetricsSnapshot, now: dt.datetime) -> Iterator[Metric]:

@@ -586,3 +586,27 @@ class ApiToken(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class WorkerHeartbeat(models.Model):
+    """A Celery worker's sign of life, one row per worker name: written when the worker is
+    ready and every WORKER_HEARTBEAT_SECONDS from a thread of its main process (so a long
+    operation on a solo pool does not silence it), and marked stopped when it shuts down. The
+    console reads it to say when no worker has been seen within WORKER_SEEN_WITHIN seconds:
+    then nothing runs the operations it queues. Bookkeeping only: no admin page, no
+    permissions."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    # The queues it consumes: only a worker of the console's task queue runs its operations.
+    queues = models.JSONField(default=list)
+    pid = models.PositiveIntegerField(null=True)
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+        default_permissions = ()
+
+    def __str__(self) -> str:
+        return self.hostname

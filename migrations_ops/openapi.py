@@ -141,6 +141,22 @@ HEALTH = {
         "status": HEALTH_STATE,
         "checked_at": {"type": "string", "format": "date-time"},
         "thresholds": {"type": "object"},
+        "workers": {
+            "type": "object",
+            "description": "critical when no worker of the task queue was seen within "
+            "WORKER_SEEN_WITHIN seconds (never with tasks run in-process)",
+            "required": ["status", "in_process", "alive", "last_seen_at", "message"],
+            "properties": {
+                "status": HEALTH_STATE,
+                "in_process": {"type": "boolean"},
+                "queue": {"type": "string"},
+                "seen_within_seconds": {"type": "integer"},
+                "alive": {"type": "integer", "description": "workers seen alive"},
+                "last_seen_at": {"type": ["string", "null"], "format": "date-time"},
+                "last_seen_seconds": {"type": ["number", "null"]},
+                "message": {"type": "string"},
+            },
+        },
         "targets": {
             "type": "array",
             "items": {
@@ -259,7 +275,8 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("ok or warning.", {"$ref": "#/components/schemas/Health"}),
                         "503": _json(
-                            "critical: at least one target fails a critical check.",
+                            "critical: at least one target fails a critical check, or no "
+                            "worker has been seen within WORKER_SEEN_WITHIN seconds.",
                             {"$ref": "#/components/schemas/Health"},
                         ),
                         **COMMON_ERRORS,

@@ -45,8 +45,10 @@ from migrations_ops.models import (
     OperationKind,
     OperationStatus,
     Target,
+    WorkerHeartbeat,
 )
 from migrations_ops.models import AlertThresholds as AlertThresholdsRow
+from opsconsole.celery import app as celery_app
 from opsconsole.spreadsheets import csv_lines
 
 
@@ -533,6 +535,103 @@ def health_checks(
             )
     checks.sort(key=lambda check: HEALTH_ORDER[check["status"]])
     return checks
+
+
+# --- worker liveness ---------------------------------------------------------------------------
+# Rows read at most: a fleet of workers is a handful; more is old rows of renamed workers.
+WORKER_ROWS_READ = 200
+
+
+@dataclass(frozen=True)
+class WorkerLiveness:
+    """Whether a worker of the console's task queue has been seen alive within
+    WORKER_SEEN_WITHIN seconds (models.WorkerHeartbeat). With tasks run in-process
+    (CELERY_TASK_ALWAYS_EAGER) there is no worker to see, and none is missed."""
+
+    in_process: bool
+    queue: str
+    seen_within: int
+    alive: list[WorkerHeartbeat]
+    last_seen: WorkerHeartbeat | None  # the queue's worker heard from last, alive or not
+    checked_at: dt.datetime
+
+    @property
+    def status(self) -> str:
+        return OK if self.in_process or self.alive else CRITICAL
+
+    @property
+    def last_seen_seconds(self) -> float | None:
+        if self.last_seen is None:
+            return None
+        return max(0.0, (self.checked_at - self.last_seen.last_seen_at).total_seconds())
+
+    @property
+    def message(self) -> str:
+        return self.describe(names=True)
+
+    def describe(self, *, names: bool) -> str:
+        """One line for people; ``names=False`` leaves the workers' host names out (the API:
+        an application's token has no business knowing the console's hosts)."""
+        if self.in_process:
+            return (
+                "tasks run in the console's own processes (CELERY_TASK_ALWAYS_EAGER): "
+                "no worker is needed"
+            )
+        queue = f"queue {self.queue!r}"
+        if self.alive:
+            alive = f"{len(self.alive)} worker(s) of {queue} alive"
+            return f"{alive}: {', '.join(w.hostname for w in self.alive)}" if names else alive
+        consequence = (
+            f"operations stay queued and nothing runs them; start a worker (make worker) on {queue}"
+        )
+        last = self.last_seen
+        if last is None:
+            return f"no worker of {queue} has ever been seen: {consequence}"
+        who = last.hostname if names else "the last one"
+        how = "stopped" if last.stopped_at is not None else "last seen"
+        when = f"{last.last_seen_at:%Y-%m-%d %H:%M:%S} UTC"
+        return (
+            f"no worker of {queue} seen within {self.seen_within} s: {who} {how} "
+            f"{humanize_seconds(self.last_seen_seconds)} ago ({when}); {consequence}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the API: counts and times, no host names."""
+        last = self.last_seen
+        return {
+            "status": self.status,
+            "in_process": self.in_process,
+            "queue": self.queue,
+            "seen_within_seconds": self.seen_within,
+            "alive": len(self.alive),
+            "last_seen_at": last.last_seen_at.isoformat() if last else None,
+            "last_seen_seconds": self.last_seen_seconds,
+            "message": self.describe(names=False),
+        }
+
+
+def worker_rows() -> list[WorkerHeartbeat]:
+    """Every worker the console has heard from (the last week), newest first."""
+    return list(WorkerHeartbeat.objects.all()[:WORKER_ROWS_READ])
+
+
+def worker_liveness(now: dt.datetime | None = None) -> WorkerLiveness:
+    """One query (none with tasks run in-process)."""
+    now = now or timezone.now()
+    # As Celery is configured (CELERY_TASK_DEFAULT_QUEUE, CELERY_TASK_ALWAYS_EAGER).
+    queue = celery_app.conf.task_default_queue
+    in_process = bool(celery_app.conf.task_always_eager)
+    rows = [] if in_process else worker_rows()
+    of_queue = [row for row in rows if queue in row.queues]
+    since = now - dt.timedelta(seconds=settings.WORKER_SEEN_WITHIN)
+    return WorkerLiveness(
+        in_process=in_process,
+        queue=queue,
+        seen_within=settings.WORKER_SEEN_WITHIN,
+        alive=[row for row in of_queue if row.stopped_at is None and row.last_seen_at >= since],
+        last_seen=of_queue[0] if of_queue else None,  # rows come newest first
+        checked_at=now,
+    )
 
 
 BROKER_DOWN_WARNING = (

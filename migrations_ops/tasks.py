@@ -11,7 +11,9 @@ def execute_operation_task(self, operation_id: int) -> str | None:
     return operation.status if operation else None
 
 
-@shared_task(name="migrations_ops.sweep_operations")
+# runs_in_beat: beat runs it in its own process (opsconsole.beat), not on a worker, so that
+# the operations of a dead worker are marked lost even when no worker is left to run it.
+@shared_task(name="migrations_ops.sweep_operations", runs_in_beat=True)
 def sweep_operations_task() -> dict:
     """Run by Celery beat every OPERATION_SWEEP_INTERVAL seconds (``make beat``)."""
     return services.sweep_operations().as_dict()

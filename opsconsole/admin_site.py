@@ -108,6 +108,7 @@ class OpsAdminSite(admin.AdminSite):
             "window_hours": int(selectors.FLEET_WINDOW.total_seconds() // 3600),
             "oldest_observation": min(observed, key=lambda row: row["observed_at"], default=None),
             "never_observed": [row["name"] for row in rows if row["observed_at"] is None],
+            "workers": selectors.worker_liveness(),
             "can_view_operations": operation_admin is not None
             and operation_admin.has_view_permission(request),
             "can_view_incidents": incident_admin is not None

@@ -1,10 +1,22 @@
 """The Celery application. Configuration comes from Django settings (``CELERY_*``)."""
 
+from __future__ import annotations
+
 import gc
 import os
+from typing import TYPE_CHECKING
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
+
+if TYPE_CHECKING:
+    from migrations_ops.services import WorkerLivenessBeat
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "opsconsole.settings")
 
@@ -54,3 +66,28 @@ def freeze_start_up_objects(**kwargs) -> None:
     process: keep the garbage collector's full collections from walking it all again (a full
     collection of a started Django process takes tens of milliseconds)."""
     gc.freeze()
+
+
+# This worker's liveness heartbeat (services.WorkerLivenessBeat), while it runs.
+_liveness_beats: dict[str, WorkerLivenessBeat] = {}
+
+
+@worker_ready.connect
+def start_liveness_heartbeat(sender=None, **kwargs) -> None:
+    """Once the worker consumes its queues, record that it is alive, and keep recording it: the
+    console says when no worker has been seen for WORKER_SEEN_WITHIN seconds."""
+    from migrations_ops import services
+
+    hostname = sender.hostname
+    if hostname in _liveness_beats:
+        return  # ready again after a lost broker connection: already beating
+    beat = services.WorkerLivenessBeat(hostname, sorted(sender.app.amqp.queues.consume_from))
+    _liveness_beats[hostname] = beat
+    beat.start()
+
+
+@worker_shutdown.connect
+def stop_liveness_heartbeat(sender=None, **kwargs) -> None:
+    beat = _liveness_beats.pop(getattr(sender, "hostname", ""), None)
+    if beat is not None:
+        beat.stop()

@@ -194,18 +194,26 @@ OPERATION_LOST_AFTER = env.int(
 )
 OUTBOX_RESEND_AFTER = env.int("OUTBOX_RESEND_AFTER", default=60)
 OPERATION_SWEEP_INTERVAL = env.int("OPERATION_SWEEP_INTERVAL", default=30)
+# Every worker writes that it is alive (migrations_ops.models.WorkerHeartbeat) when ready and
+# every WORKER_HEARTBEAT_SECONDS. When no worker of the task queue has been seen within
+# WORKER_SEEN_WITHIN seconds, the dashboard, /api/migrations/health (critical) and /metrics say
+# so: nothing would run the operations the console queues. Not with tasks run in-process.
+# Keep WORKER_SEEN_WITHIN a few heartbeats long, or a worker alive is reported missing.
+WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=15)
+WORKER_SEEN_WITHIN = env.int("WORKER_SEEN_WITHIN", default=60)
 # Every target's lock is read this often (services.observe_targets), so the dashboard, the
 # metrics and the health endpoint never go on showing a lock its holder has since released.
 LOCK_OBSERVE_INTERVAL = env.int("LOCK_OBSERVE_INTERVAL", default=30)
 # Celery beat keeps its schedule in the console's database (django-celery-beat: editable in
-# the admin); the entry below is written there whenever beat starts.
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# the admin); the entries below are written there whenever beat starts. Beat runs the sweep
+# itself, in its own process (opsconsole.beat): with every worker dead, the sweep still marks
+# their operations lost. The lock reads go to the workers.
+CELERY_BEAT_SCHEDULER = "opsconsole.beat:ConsoleScheduler"
 CELERY_BEAT_SCHEDULE = {
     "sweep-operations": {
         "task": "migrations_ops.sweep_operations",
+        # Run by beat itself, one sweep at a time (no message, so nothing to expire).
         "schedule": float(OPERATION_SWEEP_INTERVAL),
-        # A sweep not started within one interval is dropped: the next one does its work.
-        "options": {"expires": OPERATION_SWEEP_INTERVAL},
     },
     "observe-targets": {
         "task": "migrations_ops.observe_targets",

@@ -1,6 +1,10 @@
+import contextlib
+import json
 import os
+import uuid
 
 import pytest
+import redis
 
 from tests.targets import (
     create_pg_database,
@@ -69,6 +73,77 @@ def real_worker(celery_worker_process, settings):
     app.conf.task_always_eager = False
     yield celery_worker_process
     app.conf.task_always_eager = True
+
+
+@pytest.fixture
+def own_queue(settings):
+    """Tasks go through Redis to a queue of this test's own, which no worker consumes until the
+    test starts one on it (``start_worker``). Its messages are removed afterwards, including
+    those a killed worker left unacknowledged."""
+    from opsconsole.celery import app
+
+    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{uuid.uuid4().hex[:8]}"
+    saved = app.conf.task_always_eager, app.conf.task_default_queue
+    app.conf.task_always_eager, app.conf.task_default_queue = False, queue
+    yield queue
+    app.conf.task_always_eager, app.conf.task_default_queue = saved
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for key in [*client.scan_iter(match=f"{queue}*"), f"_kombu.binding.{queue}"]:
+        client.delete(key)
+    for tag, payload in client.hgetall("unacked").items():
+        if json.loads(payload)[2] == queue:  # [message, exchange, routing key]
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+    client.close()
+
+
+@pytest.fixture
+def start_worker(own_queue, settings, tmp_path):
+    """``start_worker()`` starts a real worker process on this test's own queue, one the test
+    may kill (the session's shared worker must live on)."""
+    from tests.worker import celery_worker, database_url
+
+    with contextlib.ExitStack() as stack:
+
+        def start():
+            log_path = tmp_path / "own-worker.log"
+            process = stack.enter_context(
+                celery_worker(
+                    database_url=database_url(settings.DATABASES["default"]),
+                    redis_url=settings.CELERY_BROKER_URL,
+                    queue=own_queue,
+                    log_path=log_path,
+                )
+            )
+            return process, log_path
+
+        yield start
+
+
+@pytest.fixture
+def start_beat(own_queue, settings, tmp_path):
+    """``start_beat()`` starts a real ``celery beat`` process on the test database, every
+    schedule entry due each second, its tasks sent to this test's own queue (no worker there
+    unless the test starts one). Yields its log's path."""
+    from tests.worker import celery_beat, database_url
+
+    with contextlib.ExitStack() as stack:
+        started = []
+
+        def start():
+            log_path = tmp_path / f"beat-{len(started)}.log"
+            stack.enter_context(
+                celery_beat(
+                    database_url=database_url(settings.DATABASES["default"]),
+                    redis_url=settings.CELERY_BROKER_URL,
+                    queue=own_queue,
+                    log_path=log_path,
+                )
+            )
+            started.append(log_path)
+            return log_path
+
+        yield start
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ def database_url(db: dict) -> str:
     return f"postgres://{user}{password}@{host}/{db['NAME']}"
 
 
-@contextlib.contextmanager
-def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Path):
-    """Start ``celery worker`` (solo pool) and yield once it is ready; stop it afterwards."""
-    env = {
+def console_env(*, database_url: str, redis_url: str, queue: str, **more: str) -> dict:
+    """The environment of a worker or beat process on the test database and Redis."""
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
         "DATABASE_URL": database_url,
@@ -30,7 +29,39 @@ def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Pa
         "CELERY_QUEUE": queue,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "TARGET_CONNECT_TIMEOUT": "3",
+        **more,
     }
+
+
+def wait_for_line(process: subprocess.Popen, log_path: Path, line: str, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while line not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start:\n{log_path.read_text()}")
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def celery_worker(
+    *, database_url: str, redis_url: str, queue: str, log_path: Path, hostname: str = ""
+):
+    """Start ``celery worker`` (solo pool) and yield once it is ready; stop it afterwards. It
+    records that it is alive every second (WORKER_HEARTBEAT_SECONDS)."""
+    env = console_env(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue=queue,
+        WORKER_HEARTBEAT_SECONDS="1",
+    )
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [
@@ -50,7 +81,7 @@ def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Pa
                 "--queues",
                 queue,
                 "--hostname",
-                f"test-{queue}@%h",
+                hostname or f"test-{queue}@%h",
             ],
             cwd=ROOT,
             env=env,
@@ -58,16 +89,44 @@ def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Pa
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 30
-        while "ready." not in log_path.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Celery worker did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_for_line(process, log_path, "ready.", "the Celery worker")
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+@contextlib.contextmanager
+def celery_beat(*, database_url: str, redis_url: str, queue: str, log_path: Path, every: int = 1):
+    """Start ``celery beat`` as deployed (its scheduler from the settings), every schedule
+    entry due each ``every`` seconds, and yield once it has started; stop it afterwards."""
+    env = console_env(
+        database_url=database_url,
+        redis_url=redis_url,
+        queue=queue,
+        OPERATION_SWEEP_INTERVAL=str(every),
+        LOCK_OBSERVE_INTERVAL=str(every),
+    )
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "opsconsole",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "--max-interval",
+                str(every),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_line(process, log_path, "beat: Starting...", "Celery beat")
+        yield process
+    finally:
+        stop(process)

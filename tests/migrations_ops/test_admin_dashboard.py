@@ -3,6 +3,7 @@
 import datetime as dt
 import html
 import re
+import time
 
 import pytest
 from django.contrib.auth.models import Group
@@ -368,3 +369,41 @@ def test_a_console_admin_edits_the_thresholds_and_the_view_applies_them(client, 
     state, row = fleet_row(oncall.get(reverse(INDEX)), "orders")
     assert state == "ok", row
     assert "over 600 s" in text(body(oncall.get(reverse(INDEX))))
+
+
+# --- the workers ---------------------------------------------------------------------------------
+def workers_note(response) -> tuple[str, str]:
+    """(state, text) of the line saying whether a worker is alive."""
+    (found,) = re.findall(
+        r'<p id="fleet-workers"[^>]*data-state="(\w+)">(.*?)</p>', body(response), re.S
+    )
+    return found[0], text(found[1])
+
+
+def test_with_tasks_run_in_process_no_worker_is_missed(oncall):
+    state, note = workers_note(oncall.get(reverse(INDEX)))
+    assert state == "ok"
+    assert "no worker is needed" in note
+
+
+@pytest.mark.worker
+@pytest.mark.django_db(transaction=True)
+def test_no_worker_alive_is_said_in_red_until_a_worker_starts(oncall, own_queue, start_worker):
+    TargetFactory(name="orders")
+    response = oncall.get(reverse(INDEX))
+
+    state, note = workers_note(response)
+    assert state == "critical"
+    assert 'class="errornote"' in body(response)
+    assert note.startswith(f"No worker alive: no worker of queue '{own_queue}' has ever been seen")
+    assert "nothing runs them" in note
+
+    start_worker()
+    deadline = time.monotonic() + 20
+    while (found := workers_note(oncall.get(reverse(INDEX))))[0] != "ok":
+        assert time.monotonic() < deadline, "the worker never showed as alive"
+        time.sleep(0.2)
+
+    state, note = found
+    assert note.startswith(f"Workers: 1 worker(s) of queue '{own_queue}' alive: test-{own_queue}@")
+    assert "last heard" in note

@@ -1,14 +1,17 @@
 """GET /api/migrations/health: what the runbook's recovery ends with (curl …/health)."""
 
 import datetime as dt
+import time
 
 import pytest
+from django.utils import timezone
 
 from migrations_ops import services
 from migrations_ops.actors import Actor
-from migrations_ops.models import AlertThresholds, Door
+from migrations_ops.models import AlertThresholds, Door, WorkerHeartbeat
 from migrations_ops.roles import CONSOLE_ADMIN
 from tests.factories import TargetFactory, UserFactory, member
+from tests.worker import stop
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("roles")]
 
@@ -37,7 +40,11 @@ def locked_target(pg_target):
 
 
 def by_name(response) -> dict:
-    return {target["name"]: target for target in response.json()["targets"]}
+    return by_name_of(response.json())
+
+
+def by_name_of(body: dict) -> dict:
+    return {target["name"]: target for target in body["targets"]}
 
 
 def test_all_ok_is_200(reader, free_target):
@@ -108,3 +115,85 @@ def test_health_needs_credentials(client, free_target):
     response = client.get(HEALTH)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "not_authenticated"
+
+
+# --- the workers ---------------------------------------------------------------------------------
+def wait_for_health(reader, status_code: int, seconds: float = 20) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        response = reader.get(HEALTH)
+        if response.status_code == status_code or time.monotonic() > deadline:
+            assert response.status_code == status_code, response.json()["workers"]
+            return response.json()
+        time.sleep(0.2)
+
+
+def test_tasks_run_in_process_need_no_worker(reader, free_target):
+    """The embedded default: no worker exists, and none is missed."""
+    response = reader.get(HEALTH)
+
+    assert response.status_code == 200
+    workers = response.json()["workers"]
+    assert (workers["status"], workers["in_process"], workers["alive"]) == ("ok", True, 0)
+    assert "no worker is needed" in workers["message"]
+
+
+@pytest.mark.worker
+@pytest.mark.django_db(transaction=True)
+def test_no_worker_seen_is_critical_until_one_starts_and_again_once_it_stops(
+    reader, free_target, own_queue, start_worker
+):
+    body = wait_for_health(reader, 503)
+
+    assert body["status"] == "critical"
+    workers = body["workers"]
+    assert (workers["status"], workers["in_process"], workers["queue"]) == (
+        "critical",
+        False,
+        own_queue,
+    )
+    assert (workers["alive"], workers["last_seen_at"], workers["seen_within_seconds"]) == (
+        0,
+        None,
+        60,
+    )
+    assert f"no worker of queue '{own_queue}' has ever been seen" in workers["message"]
+    assert by_name_of(body)["billing-db"]["status"] == "ok"  # the targets are fine
+
+    process, _ = start_worker()
+    body = wait_for_health(reader, 200)
+
+    assert body["status"] == "ok"
+    workers = body["workers"]
+    assert workers["alive"] == 1
+    assert workers["message"] == f"1 worker(s) of queue '{own_queue}' alive"  # no host names
+    assert 0 <= workers["last_seen_seconds"] < 5
+
+    stop(process)  # a clean shutdown: it says so as it goes
+    body = wait_for_health(reader, 503)
+
+    workers = body["workers"]
+    assert workers["alive"] == 0 and workers["last_seen_at"] is not None
+    assert "seen within 60 s: the last one stopped" in workers["message"]
+    assert f"test-{own_queue}@" not in reader.get(HEALTH).content.decode()
+
+
+def test_a_worker_silent_for_longer_than_worker_seen_within_is_not_alive(
+    reader, free_target, own_queue, settings
+):
+    settings.WORKER_SEEN_WITHIN = 30
+    services.record_worker_alive("w1@host", queues=[own_queue], pid=1)
+    services.record_worker_alive("other@host", queues=["another-queue"], pid=2)
+    assert reader.get(HEALTH).json()["workers"]["alive"] == 1
+    WorkerHeartbeat.objects.filter(hostname="w1@host").update(
+        last_seen_at=timezone.now() - dt.timedelta(seconds=31)
+    )
+
+    response = reader.get(HEALTH)
+
+    assert response.status_code == 503
+    workers = response.json()["workers"]
+    assert workers["alive"] == 0  # the other queue's worker does not run our operations
+    assert 31 <= workers["last_seen_seconds"] < 40
+    assert "seen within 30 s: the last one last seen 3" in workers["message"]
+    assert "@host" not in response.content.decode()

@@ -400,3 +400,23 @@ def test_register_refuses_a_health_url_on_a_private_address(settings):
         "checks do not go there unless HEALTH_CHECK_ALLOWED_NETWORKS allows it."
     )
     assert not Target.objects.filter(name="orders").exists()
+
+
+def test_ops_workers_fails_while_none_is_alive_and_lists_those_heard_from(own_queue):
+    from migrations_ops import services
+
+    with pytest.raises(CommandError, match=f"no worker of queue '{own_queue}' has ever been seen"):
+        ops("workers")
+
+    services.record_worker_alive("w1@host", queues=[own_queue], pid=7)
+    services.record_worker_alive("w2@host", queues=[own_queue], pid=8)
+    services.record_worker_stopped("w2@host")
+    lines = ops("workers").splitlines()
+
+    assert lines[0].startswith(f"w2@host  stopped  queues={own_queue}  last seen=")
+    assert lines[1].startswith(f"w1@host  alive  queues={own_queue}  last seen=")
+    assert lines[2] == f"1 worker(s) of queue '{own_queue}' alive: w1@host"
+
+
+def test_ops_workers_with_tasks_run_in_process():
+    assert ops("workers").strip().endswith("no worker is needed")

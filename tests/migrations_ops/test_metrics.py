@@ -5,6 +5,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -339,12 +340,36 @@ def test_queries_per_token_scrape_do_not_grow_with_the_fleet(client, django_asse
     assert len(targets_in(samples, "opsconsole_flag")) == 22
 
 
+# --- the workers ---------------------------------------------------------------------------------
+@pytest.mark.worker
+@pytest.mark.django_db(transaction=True)
+def test_workers_alive_is_zero_until_a_worker_starts(client, own_queue, start_worker):
+    from opsconsole.celery import app
+
+    staff(client)
+    app.conf.task_always_eager = True  # tasks in-process: no worker to miss, no false alarm
+    assert "opsconsole_workers_alive" not in scrape(client)
+    app.conf.task_always_eager = False  # sent to own_queue, where no worker listens yet
+    samples = scrape(client)
+    assert value(samples, "opsconsole_workers_alive") == 0
+    assert "opsconsole_worker_last_seen_seconds" not in samples  # none ever seen
+
+    start_worker()
+    deadline = time.monotonic() + 20
+    while value(samples := scrape(client), "opsconsole_workers_alive") != 1:
+        assert time.monotonic() < deadline, "the worker never showed as alive"
+        time.sleep(0.2)
+
+    assert 0 <= value(samples, "opsconsole_worker_last_seen_seconds") < 5
+
+
 # --- the documented alert rules -----------------------------------------------------------------
 def rule_metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bopsconsole_[a-z_]+", expr))
 
 
-def test_alert_rules_parse_and_use_only_exposed_series(client, fleet):
+def test_alert_rules_parse_and_use_only_exposed_series(client, fleet, own_queue):
+    """Tasks sent to workers (own_queue): the worker series are exposed too."""
     finished_operation(fleet["orders"], OperationKind.APPLY, OperationStatus.SUCCEEDED, 1)
     exposed = set(scrape(staff(client)))
     rules = yaml.safe_load((DOCS / "prometheus-alerts.yml").read_text())

@@ -1,20 +1,16 @@
 """The sweeper: queued operations sent again, operations of dead workers marked lost; the
 heartbeat that tells the two apart; the soft time limit. Real databases, Redis and workers."""
 
-import contextlib
 import datetime as dt
 import io
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.management import call_command
 from django.db import connection as console_connection
@@ -27,7 +23,7 @@ from tests.broker import broker_down
 from tests.factories import TargetFactory
 from tests.scripts_folder import EMAIL, USERS, apply_directly, write_folder
 from tests.targets import new_sqlite_target
-from tests.worker import ROOT, celery_worker, database_url
+from tests.worker import ROOT
 
 pytestmark = pytest.mark.django_db
 
@@ -109,49 +105,6 @@ def sessions_sleeping(target_db) -> int:
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND state = 'active' AND query LIKE 'SELECT pg_sleep(30)%%'"
     )[0][0]
-
-
-@pytest.fixture
-def own_queue(settings):
-    """Tasks go through Redis to a queue of this test's own, which no worker consumes until the
-    test starts one on it (``start_worker``). Its messages are removed afterwards, including
-    those a killed worker left unacknowledged."""
-    from opsconsole.celery import app
-
-    queue = f"{settings.CELERY_TASK_DEFAULT_QUEUE}-{uuid.uuid4().hex[:8]}"
-    saved = app.conf.task_always_eager, app.conf.task_default_queue
-    app.conf.task_always_eager, app.conf.task_default_queue = False, queue
-    yield queue
-    app.conf.task_always_eager, app.conf.task_default_queue = saved
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for key in [*client.scan_iter(match=f"{queue}*"), f"_kombu.binding.{queue}"]:
-        client.delete(key)
-    for tag, payload in client.hgetall("unacked").items():
-        if json.loads(payload)[2] == queue:  # [message, exchange, routing key]
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
-    client.close()
-
-
-@pytest.fixture
-def start_worker(own_queue, settings, tmp_path):
-    """``start_worker()`` starts a real worker process on this test's own queue, one the test
-    may kill (the session's shared worker must live on)."""
-    with contextlib.ExitStack() as stack:
-
-        def start():
-            log_path = tmp_path / "own-worker.log"
-            process = stack.enter_context(
-                celery_worker(
-                    database_url=database_url(settings.DATABASES["default"]),
-                    redis_url=settings.CELERY_BROKER_URL,
-                    queue=own_queue,
-                    log_path=log_path,
-                )
-            )
-            return process, log_path
-
-        yield start
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from tests.factories import ON_CALL_PERMISSIONS, TargetFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
 
+FINAL = (OperationStatus.SUCCEEDED, OperationStatus.FAILED, OperationStatus.LOST)
+
 
 def wait_until_finished(operation: Operation, seconds: float = 20) -> Operation:
     deadline = time.monotonic() + seconds
@@ -102,3 +104,33 @@ def test_beat_reads_every_target_so_a_lock_released_by_its_holder_shows_free(
 
     assert LockObservation.objects.get(target__name="orders").held is False
     assert "observe-targets" in settings.CELERY_BEAT_SCHEDULE
+
+
+def test_a_worker_busy_with_a_long_rollback_is_still_seen_alive(
+    real_worker, pg_target, tmp_path, settings
+):
+    """The liveness heartbeat beats from a thread of its own: the solo pool running a 3 s
+    statement does not silence the worker (it beats every second in tests)."""
+    from migrations_ops import selectors, services
+    from migrations_ops.actors import Actor
+    from tests.migrations_ops.test_services_sweep import rollback_target
+
+    settings.WORKER_SEEN_WITHIN = 2
+    target = rollback_target(pg_target, tmp_path, down_first="SELECT pg_sleep(3);")
+    deadline = time.monotonic() + 10
+    while not selectors.worker_liveness().alive:  # its row is back after the last test's flush
+        assert time.monotonic() < deadline, "the real worker never showed as alive"
+        time.sleep(0.1)
+
+    operation = services.request_rollback(
+        actor=Actor.shell_operator(), target=target, reason="bad column"
+    )
+    seen_while_busy = []
+    while (status := Operation.objects.get(pk=operation.pk).status) not in FINAL:
+        if status == OperationStatus.RUNNING:
+            seen_while_busy.append([w.hostname for w in selectors.worker_liveness().alive])
+        time.sleep(0.2)
+
+    assert wait_until_finished(operation).status == OperationStatus.SUCCEEDED, operation.error
+    assert len(seen_while_busy) >= 10  # polled through the 3 s statement
+    assert all(alive == [operation.worker] for alive in seen_while_busy), seen_while_busy

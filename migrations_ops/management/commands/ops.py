@@ -41,7 +41,7 @@ class Command(BaseCommand):
     help = (
         "Operate on target databases: register, status, unlock, import, up, rollback, verify, "
         "cleanup, mark-applied, mark-rolled-back, flags, disable, reenable, token, sweep, "
-        "automigrate, drill, audit-verify, demo, rotate-secrets."
+        "workers, automigrate, drill, audit-verify, demo, rotate-secrets."
     )
 
     def add_arguments(self, parser):
@@ -146,6 +146,10 @@ class Command(BaseCommand):
 
         commands.add_parser(
             "sweep", help="send stuck queued operations again, mark dead workers' operations lost"
+        )
+        commands.add_parser(
+            "workers",
+            help="the workers last heard from; exit 1 when none of the task queue is alive",
         )
         commands.add_parser(
             "audit-verify",
@@ -586,6 +590,28 @@ class Command(BaseCommand):
             f"sweep: {len(report.resent)} sent again, {len(report.unsent)} still unsent, "
             f"{len(report.lost)} marked lost"
         )
+
+    def handle_workers(self, actor, options):
+        if not actor.has_perm("migrations_ops.view_target"):
+            raise CommandError(f"{actor.name} is not allowed to view the console's state")
+        liveness = selectors.worker_liveness()
+        alive = {worker.hostname for worker in liveness.alive}
+        for worker in [] if liveness.in_process else selectors.worker_rows():
+            state = (
+                "alive"
+                if worker.hostname in alive
+                else "stopped"
+                if worker.stopped_at is not None
+                else "silent"
+            )
+            self.stdout.write(
+                f"{worker.hostname}  {state}  queues={','.join(worker.queues)}  "
+                f"last seen={worker.last_seen_at:%Y-%m-%d %H:%M:%S} UTC  "
+                f"started={worker.started_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        if liveness.status == selectors.CRITICAL:
+            raise CommandError(liveness.message)
+        self.stdout.write(liveness.message)
 
     def handle_audit_verify(self, actor, options):
         if not actor.has_perm("migrations_ops.view_auditevent"):
