@@ -107,6 +107,15 @@ def mask_query(query: str) -> str:
     return "&".join(masked)
 
 
+# A URL with an authority inside some text, up to whitespace or a quote.
+URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
+
+
+def mask_urls_in(text: str) -> str:
+    """``text`` with every URL in it masked by ``mask_url``."""
+    return URL_IN_TEXT.sub(lambda match: mask_url(match.group(0)), text)
+
+
 def scrub(text: str, url: str) -> str:
     """A message about ``url`` (a driver's error) without its secrets. Every URL in it is
     masked by ``mask_url``; a double-quoted value holding the password (libpq quotes what it
@@ -125,7 +134,7 @@ def scrub(text: str, url: str) -> str:
             return f'"{mask_url(value)}"'
         return f'"{MASK}"' if any(word.search(value) for word in words) else match.group(0)
 
-    text = re.sub(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+", lambda m: mask_url(m.group(0)), text)
+    text = mask_urls_in(text)
     text = re.sub(r'"([^"]*)"', quoted, text)
     for word in words:
         text = word.sub(MASK, text)
