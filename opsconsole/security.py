@@ -51,27 +51,16 @@ def otp_required_for(user) -> bool:
 # --- error reports: Django's debug page (DEBUG is on for the embedded default) and mails -------
 # Setting, META, cookie and POST names whose values are hidden whole: Django's list, and more.
 HIDDEN_NAMES = re.compile(
-    r"API|AUTH|TOKEN|KEY|SECRET|PASS|PWD|SIGNATURE|CREDENTIAL|HTTP_COOKIE", flags=re.I
+    r"API|AUTH|TOKEN|KEY|SECRET|PASS|PWD|SIGNATURE|CREDENTIAL|CSRF|HTTP_COOKIE", flags=re.I
 )
 
 
-def masked(value):
-    """A value to show in an error report: a text with each URL in it masked (by parsing it:
-    ``mask_url``); a container's texts likewise, at any depth; anything else as it is."""
-    if isinstance(value, str):
-        return mask_urls_in(str(value))
-    if isinstance(value, dict):
-        return {key: masked(item) for key, item in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return type(value)(masked(item) for item in value)
-    return value
-
-
 def masked_parameter(name: str, value: str) -> str:
-    """A GET or POST parameter's value: hidden if named like a secret, else its URLs masked."""
+    """A GET or POST parameter's value: hidden if named like a secret, else the URLs in it
+    masked (by parsing each: ``mask_url``)."""
     if HIDDEN_NAMES.search(name):
         return SafeExceptionReporterFilter.cleansed_substitute
-    return masked(value)
+    return mask_urls_in(str(value))
 
 
 def masked_path(path: str) -> str:
