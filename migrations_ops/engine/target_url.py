@@ -64,9 +64,12 @@ def split_credentials(url: str) -> tuple[str, str | None]:
     return f"{head}://{rest[len(userinfo) + 1 :]}", userinfo
 
 
-# Query parameters whose value is a secret (libpq's password and sslpassword, and the tokens
-# and keys of other URLs shown masked: health URLs, the console's own Redis and broker URLs).
-SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature", re.I)
+# Query parameters whose value is a secret (libpq's password and sslpassword, and the tokens,
+# keys and signatures of other URLs shown masked: health URLs such as an Azure function's
+# ?code=, a signed ?sig=; the console's own Redis and broker URLs). Masking more is harmless.
+SECRET_PARAMETER = re.compile(
+    r"pass|pwd|secret|token|key|auth|cred|sig|code|session|jwt|bearer|private", re.I
+)
 MASK = "***"
 
 

@@ -83,6 +83,10 @@ def test_dialect_of_postgres_scheme_without_slashes_is_refused(url):
             "postgresql://db/orders?sslpassword=***&token=***&secret=***&api_key=***"
             "&Password=***&connect_timeout=5",
         ),
+        (
+            f"https://app.example/health?code={SECRET}&sig={SECRET}&verbose=1",
+            "https://app.example/health?code=***&sig=***&verbose=1",
+        ),
         # An unencoded & in a query password: what follows it is masked too.
         ("postgresql://db/orders?password=pa&ss", "postgresql://db/orders?password=***&***"),
         # An @ in the query of a URL without a path: not taken for a user name.
