@@ -287,6 +287,7 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
     url = reverse("admin:migrations_ops_target_force_unlock", args=[console.down.pk])
     with running_operations():
         seen.response(f"POST {url}", superuser.post(url, {"reason": "down", "release_fresh": "on"}))
+
     # --- every command that can run here ---------------------------------------------------
     folder = tmp_path / "migrations"
     commands = [
