@@ -101,3 +101,26 @@ def test_the_debug_page_masks_the_traceback_variables_and_the_message(debug):
     text = looks_at(page)
     assert "cannot reach postgresql://app:***@db.internal:5432/orders" in text
     assert MARKER not in text
+
+
+def test_settings_are_cleansed_at_any_depth():
+    from opsconsole.security import SecretsExceptionReporterFilter
+
+    databases = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "HOST": "db.internal",
+            "USER": "console",
+            "PASSWORD": MARKER,
+            "OPTIONS": {"service": "x", "replicas": [TARGET_WITH_PASSWORD]},
+        }
+    }
+
+    shown = SecretsExceptionReporterFilter().cleanse_setting("DATABASES", databases)
+
+    assert shown["default"]["HOST"] == "db.internal"
+    assert shown["default"]["PASSWORD"] == "********************"
+    assert shown["default"]["OPTIONS"]["replicas"] == [
+        "postgresql://app:***@db.internal:5432/orders"
+    ]
+    assert MARKER not in repr(shown)
