@@ -124,8 +124,7 @@ def scrub(text: str, url: str) -> str:
     masked by ``mask_url``; a double-quoted value holding the password (libpq quotes what it
     echoes: ``invalid percent-encoded token: "..."``) becomes "***"; the password anywhere
     else goes where it is a word of its own, never as part of one ("invalid port" stays)."""
-    password = password_of(url)
-    secrets = {password, unquote(password)} - {""} if password else set()
+    secrets = {form for secret in secrets_of(url) for form in (secret, unquote(secret))} - {""}
     words = [
         re.compile(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])")
         for secret in sorted(secrets, key=len, reverse=True)
@@ -142,6 +141,20 @@ def scrub(text: str, url: str) -> str:
     for word in words:
         text = word.sub(MASK, text)
     return text
+
+
+def secrets_of(url: str) -> list[str]:
+    """The secrets written in the URL: its password and its password-like query values."""
+    password = password_of(url)
+    _, userinfo = split_credentials(url)
+    rest = url.partition("://")[2][len(userinfo) + 1 if userinfo is not None else 0 :]
+    query = rest.partition("?")[2].split("#", 1)[0]
+    values = [
+        value
+        for name, equals, value in (parameter.partition("=") for parameter in query.split("&"))
+        if equals and SECRET_PARAMETER.search(unquote(name))
+    ]
+    return ([password] if password else []) + values
 
 
 def password_of(url: str) -> str | None:

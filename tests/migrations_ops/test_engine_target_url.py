@@ -161,6 +161,11 @@ def test_scrub_removes_the_password_from_a_driver_message_without_mangling_it(
     assert scrub(message, f"postgresql://ops:{password}@db:5432/orders") == scrubbed
 
 
+def test_scrub_removes_password_like_query_values_too():
+    url = "postgresql://ops@db/orders?sslmode=require&sslpassword=k3y-pass"
+    assert scrub('could not decrypt key with "k3y-pass"', url) == 'could not decrypt key with "***"'
+
+
 def test_scrub_leaves_a_message_alone_when_the_url_has_no_password():
     message = 'could not translate host name "db" to address'
     assert scrub(message, "postgresql://ops@db/orders") == message
