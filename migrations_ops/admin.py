@@ -81,6 +81,10 @@ class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, ad
     def get_fields(self, request, obj=None):
         fields = list(TARGET_SETTINGS)
         if obj is not None:
+            # The URL is a write-only input: a user who may not change the target would get
+            # it rendered read-only, so they see the masked row alone.
+            if not self.has_change_permission(request, obj):
+                fields.remove("connection_url")
             fields[3:3] = ["masked_url"]
             # The flags change only on their own page (the services keep their history).
             fields += ["flags_column", "lock_column", "created_at", "updated_at"]

@@ -7,4 +7,4 @@ class MigrationsOpsConfig(AppConfig):
 
     def ready(self) -> None:
         # Connects the API caches to target changes (services: "what the API serves from cache").
-        from migrations_ops import services  # noqa: F401
+        from migrations_ops import checks, services  # noqa: F401

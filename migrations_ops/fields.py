@@ -13,6 +13,8 @@ from django.db import models
 # Marks a stored value as encrypted; a value without it was written before encryption began
 # (migration 0012 encrypts those) and is read as it is.
 PREFIX = "fernet:"
+# What an encrypted field's admin display is looked up against: equal to no value.
+NEVER_SHOWN = object()
 
 
 class SecretKeyError(ImproperlyConfigured):
@@ -86,6 +88,15 @@ class EncryptedTextField(models.TextField):
         if not value or is_encrypted(value):
             return value
         return encrypt(value)
+
+    @property
+    def flatchoices(self):
+        # Django's admin shows a field read-only (a change page seen without the change
+        # permission, readonly_fields, a list column) through display_for_field, which first
+        # looks the value up in flatchoices. No value is ever found there, so every such page,
+        # one added later included, shows the admin's empty value "-", never the plain text.
+        # (A field without choices: forms, validation and filters do not read flatchoices.)
+        return [(NEVER_SHOWN, "")]
 
     def value_to_string(self, obj):
         # Serialised (dumpdata) as stored: encrypted. to_python reads it back.

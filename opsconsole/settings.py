@@ -321,6 +321,12 @@ STATUS_READ_AGAIN_IN_BACKGROUND = env.bool("STATUS_READ_AGAIN_IN_BACKGROUND", de
 # Seconds an authenticated API token is remembered (a revoke forgets it at once).
 API_TOKEN_CACHE_SECONDS = env.int("API_TOKEN_CACHE_SECONDS", default=60)
 
+# Error reports (Django's debug page, kept with DEBUG on for the embedded console, and error
+# mails) show settings, the environment and the traceback's variables: URLs masked, secrets
+# hidden (opsconsole/security.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "opsconsole.security.SecretsExceptionReporterFilter"
+DEFAULT_EXCEPTION_REPORTER = "opsconsole.security.SecretsExceptionReporter"
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -29,7 +29,7 @@ from .scripts import (
     parse_file,
     split_statements,
 )
-from .target_url import dialect_of, mask_url
+from .target_url import dialect_of, mask_url, mask_urls_in
 
 __all__ = [
     "CONVENTIONS",
@@ -62,6 +62,7 @@ __all__ = [
     "invalid_indexes",
     "mark_books",
     "mask_url",
+    "mask_urls_in",
     "normalise",
     "parse_directory",
     "parse_file",

@@ -15,17 +15,15 @@ import psycopg
 from psycopg import pq, sql
 
 from .errors import EngineError, NotAMigrationsDatabase, TargetUnreachable
-from .target_url import dialect_of, libpq_url, password_of, sqlite_path
+from .target_url import dialect_of, libpq_url, scrub, sqlite_path
 
 
-def one_line(error: BaseException, secret: str | None = None) -> str:
-    """A driver's error message cut to its first line (libpq adds hints below), with the
-    secret scrubbed out."""
+def one_line(error: BaseException, url: str | None = None) -> str:
+    """A driver's error message cut to its first line (libpq adds hints below), without the
+    secrets of ``url``, the target's URL it may echo (``scrub``)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = re.sub(r"\s+", " ", lines[0]) if lines else type(error).__name__
-    if secret:
-        text = text.replace(secret, "***")
-    return text
+    return scrub(text, url) if url else text
 
 
 class TargetConnection:
@@ -275,7 +273,7 @@ def connect(
     try:
         yield connection
     except (psycopg.Error, sqlite3.Error) as error:
-        raise EngineError(f"target database error: {one_line(error, password_of(url))}") from None
+        raise EngineError(f"target database error: {one_line(error, url)}") from None
     finally:
         connection.close()
 
@@ -301,9 +299,7 @@ def _connect_postgresql(
             prepare_threshold=None,
         )
     except psycopg.Error as error:
-        raise TargetUnreachable(
-            f"cannot connect to target: {one_line(error, password_of(url))}"
-        ) from None
+        raise TargetUnreachable(f"cannot connect to target: {one_line(error, url)}") from None
     connection = TargetConnection(raw, "postgresql", schema)
     _set_search_path(connection)
     return connection
@@ -396,9 +392,7 @@ class ConnectionCache:
             yield connection
             clean = True
         except (psycopg.Error, sqlite3.Error) as error:
-            raise EngineError(
-                f"target database error: {one_line(error, password_of(url))}"
-            ) from None
+            raise EngineError(f"target database error: {one_line(error, url)}") from None
         finally:
             if clean and key is not None and _reusable(connection):
                 self._give_back(key, opened_at, connection)

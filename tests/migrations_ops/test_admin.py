@@ -8,7 +8,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from migrations_ops import services
+from migrations_ops import roles, services
 from migrations_ops.models import (
     AuditEvent,
     Environment,
@@ -16,7 +16,13 @@ from migrations_ops.models import (
     Operation,
     OperationStatus,
 )
-from tests.factories import ON_CALL_PERMISSIONS, IncidentFactory, TargetFactory, UserFactory
+from tests.factories import (
+    ON_CALL_PERMISSIONS,
+    IncidentFactory,
+    TargetFactory,
+    UserFactory,
+    member,
+)
 from tests.targets import new_sqlite_target
 
 pytestmark = pytest.mark.django_db
@@ -416,6 +422,34 @@ def test_the_connection_password_never_appears_in_admin_pages(
     for page, response in pages.items():
         assert response.status_code == 200, page
         assert marker not in body(response), f"the password shows on the {page} page"
+
+
+VIEW_ONLY = [roles.AUDITOR, roles.ON_CALL, roles.INCIDENT_COMMANDER, "view_target"]
+
+
+def view_only_user(who: str):
+    if who == "view_target":
+        return UserFactory(username="viewer", permissions=["migrations_ops.view_target"])
+    return member(who, username="viewer")
+
+
+@pytest.mark.parametrize("who", VIEW_ONLY)
+def test_a_view_only_user_sees_the_url_only_masked(roles, client, who):
+    url = "postgresql://app:PWMARKER5e2@db.internal:5432/orders?sslpassword=PWMARKER5e2"
+    target = TargetFactory(name="orders-staging", connection_url=url)
+    client.force_login(view_only_user(who))
+
+    pages = {
+        name: client.get(reverse(f"admin:migrations_ops_target_{name}", args=args))
+        for name, args in [("change", [target.pk]), ("history", [target.pk]), ("changelist", [])]
+    }
+
+    for name, response in pages.items():
+        assert response.status_code == 200, name
+        assert "PWMARKER5e2" not in body(response), f"the password shows on the {name} page"
+    shown = text(body(pages["change"]))
+    assert "postgresql://app:***@db.internal:5432/orders?sslpassword=***" in shown
+    assert "Connection URL" not in shown  # only the masked row, not the field read-only
 
 
 # --- editing a target ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 
 from migrations_ops.engine import EngineError, UnsupportedTarget, dialect_of, mask_url
-from migrations_ops.engine.target_url import password_of, sqlite_path
+from migrations_ops.engine.target_url import password_of, scrub, sqlite_path
 
 SECRET = "s3cr3t-Pa55"
 
@@ -71,12 +71,27 @@ def test_dialect_of_postgres_scheme_without_slashes_is_refused(url):
         ),
         (
             f"postgres://ops:{SECRET}@db.internal/orders?sslmode=require&password={SECRET}",
-            "postgres://ops:***@db.internal/orders?***",
+            "postgres://ops:***@db.internal/orders?sslmode=require&password=***",
         ),
         (
             f"postgresql://db.internal/orders?user=ops&password={SECRET}",
-            "postgresql://db.internal/orders?***",
+            "postgresql://db.internal/orders?user=ops&password=***",
         ),
+        (
+            f"postgresql://db/orders?sslpassword={SECRET}&token={SECRET}&secret={SECRET}"
+            f"&api_key={SECRET}&Password={SECRET}&connect_timeout=5",
+            "postgresql://db/orders?sslpassword=***&token=***&secret=***&api_key=***"
+            "&Password=***&connect_timeout=5",
+        ),
+        (
+            f"https://app.example/health?code={SECRET}&sig={SECRET}&verbose=1",
+            "https://app.example/health?code=***&sig=***&verbose=1",
+        ),
+        # An unencoded & in a query password: what follows it is masked too.
+        ("postgresql://db/orders?password=pa&ss", "postgresql://db/orders?password=***&***"),
+        # An @ in the query of a URL without a path: not taken for a user name.
+        ("postgresql://db?password=pa@ss", "postgresql://***@ss"),
+        ("redis://:pa@ss@cache:6379/0", "redis://:***@cache:6379/0"),
         # Characters that are common in generated passwords and often left unencoded.
         ("postgresql://ops:pa@ss@db.internal/orders", "postgresql://ops:***@db.internal/orders"),
         ("postgresql://ops:pa#ss@db.internal/orders", "postgresql://ops:***@db.internal/orders"),
@@ -104,6 +119,56 @@ def test_mask_url_hides_password_and_query(url, masked):
 def test_mask_url_keeps_urls_without_secrets_unchanged(url):
     # User, host, port, database, and a SQLite file's relative or absolute path are kept as is.
     assert mask_url(url) == url
+
+
+# Masking parses the URL: a password equal to another part of it masks only the password.
+@pytest.mark.parametrize(
+    "password", ["port", "postgres", "5432", "@", "%40", "ops", "db", "orders", "***", ":", "p"]
+)
+def test_mask_url_masks_only_the_password_whatever_it_equals(password):
+    url = f"postgresql://ops:{password}@db:5432/orders?sslmode=require&application_name=port"
+    assert mask_url(url) == (
+        "postgresql://ops:***@db:5432/orders?sslmode=require&application_name=port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("password", "message", "scrubbed"),
+    [
+        # The words of a message stay whole whatever the password is part of.
+        ("p", "invalid port number", "invalid port number"),
+        ("ort", "invalid port number", "invalid port number"),
+        ("543", 'port "5432" failed', 'port "5432" failed'),
+        # libpq quotes what it echoes: a quoted value holding the password goes.
+        ("pa%zz", 'invalid percent-encoded token: "pa%zz"', 'invalid percent-encoded token: "***"'),
+        ("port", 'invalid value for option "port"', 'invalid value for option "***"'),
+        # A URL echoed in the message is masked by parsing it.
+        (
+            "port",
+            'unexpected character at position 9 in URI: "postgresql://ops:port@db:5432/x"',
+            'unexpected character at position 9 in URI: "postgresql://ops:***@db:5432/x"',
+        ),
+        ("s3cr3t", "in postgresql://ops:s3cr3t@db:5432/x", "in postgresql://ops:***@db:5432/x"),
+        ("s3cr3t", 'missing "=" after "ops:s3cr3t@db" in', 'missing "=" after "***" in'),
+        # The password as a word of its own, and percent-decoded.
+        ("s3cr3t", "password s3cr3t refused", "password *** refused"),
+        ("pa%40ss", "password pa@ss refused", "password *** refused"),
+    ],
+)
+def test_scrub_removes_the_password_from_a_driver_message_without_mangling_it(
+    password, message, scrubbed
+):
+    assert scrub(message, f"postgresql://ops:{password}@db:5432/orders") == scrubbed
+
+
+def test_scrub_removes_password_like_query_values_too():
+    url = "postgresql://ops@db/orders?sslmode=require&sslpassword=k3y-pass"
+    assert scrub('could not decrypt key with "k3y-pass"', url) == 'could not decrypt key with "***"'
+
+
+def test_scrub_leaves_a_message_alone_when_the_url_has_no_password():
+    message = 'could not translate host name "db" to address'
+    assert scrub(message, "postgresql://ops@db/orders") == message
 
 
 def test_mask_url_drops_fragment():

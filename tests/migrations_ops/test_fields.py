@@ -10,6 +10,7 @@ from django.apps import apps
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
+from django.urls import reverse
 
 from migrations_ops import services
 from migrations_ops.fields import SecretKeyError
@@ -108,3 +109,44 @@ def test_a_malformed_key_is_named(settings):
     settings.TARGET_SECRET_KEY = ["not-a-key"]
     with pytest.raises(SecretKeyError, match="key 1 is not a Fernet key"):
         TargetFactory()
+
+
+# --- the admin never shows the plain text ----------------------------------------------------
+@pytest.mark.django_db
+def test_the_admin_shows_the_field_read_only_without_its_value(client, monkeypatch):
+    """A page someone adds later that shows the field itself (a list column, a read-only
+    field) shows the admin's empty value, never the decrypted URL."""
+    from migrations_ops.admin import TargetAdmin
+    from migrations_ops.checks import no_secret_in_admin_options
+    from tests.factories import UserFactory
+
+    target = TargetFactory(connection_url=f"postgresql://app:{PASSWORD}@db.internal/orders")
+    monkeypatch.setattr(TargetAdmin, "list_display", ["name", "connection_url"])
+    monkeypatch.setattr(
+        TargetAdmin, "readonly_fields", [*TargetAdmin.readonly_fields, "connection_url"]
+    )
+    client.force_login(UserFactory(username="root", is_superuser=True))
+
+    pages = [
+        client.get(reverse("admin:migrations_ops_target_changelist")),
+        client.get(reverse("admin:migrations_ops_target_change", args=[target.pk])),
+    ]
+
+    for page in pages:
+        assert page.status_code == 200
+        assert target.name in page.content.decode()
+        assert PASSWORD not in page.content.decode()
+    # ... and the system checks name such an admin.
+    errors = {error.msg for error in no_secret_in_admin_options()}
+    assert errors == {
+        "TargetAdmin.list_display names the encrypted field 'connection_url': the admin "
+        "would show or query its plain text",
+        "TargetAdmin.readonly_fields names the encrypted field 'connection_url': the admin "
+        "would show or query its plain text",
+    }
+
+
+def test_the_system_checks_pass_on_the_console_as_it_is():
+    from migrations_ops.checks import no_secret_in_admin_options
+
+    assert no_secret_in_admin_options() == []

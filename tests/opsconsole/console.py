@@ -223,7 +223,9 @@ def _patterns(resolver, prefix=""):
             yield prefix + str(pattern.pattern), pattern
 
 
-def _model_of(name: str):
+def admin_model_of(name: str):
+    """The model whose ModelAdmin serves the admin URL named ``name``, and the rest of the name
+    (``changelist``, ``change``, ``force_unlock``); None for a page of no model."""
     for model in admin.site._registry:
         prefix = f"{model._meta.app_label}_{model._meta.model_name}_"
         if name.startswith(prefix):
@@ -270,7 +272,7 @@ def admin_urls(console: Console) -> list[tuple[str, str]]:
             continue
         if name == "view_on_site":
             continue  # a redirect to the object's own site: the console's models have none
-        model = _model_of(name)[0]
+        model = admin_model_of(name)[0]
         if not arguments:
             urls.append((name, reverse(f"admin:{name}")))
         elif arguments in (["object_id"], ["id"], ["pk"]) and model is not None:

@@ -1,7 +1,14 @@
 """A target's password never leaves the console: with a unique marker as the password of real
 PostgreSQL targets (trust auth accepts any), every admin page, every `ops` command that can
-run here, every API endpoint (error paths included), the error pages and every log line are
-searched for it, and so are the console's own rows and a raw read of the targets table."""
+run here, every API endpoint (error paths included), the error pages (the debug page too) and
+every log line are searched for it, and so are the console's own rows and a raw read of the
+targets table.
+
+The admin and the API are read as every role: a superuser, each group the console defines
+(roles.py) and, for every model the console's apps register in the admin, a staff user holding
+only its view permission. Each reads every admin URL pattern (enumerated from the resolver by
+``admin_urls``, so a new page is read without anyone adding it) and posts every admin action
+it is offered with the marked targets selected, reading the confirmation page it leads to."""
 
 from __future__ import annotations
 
@@ -12,16 +19,19 @@ import uuid
 
 import pytest
 from cryptography.fernet import Fernet
+from django.contrib import admin
 from django.core.management import call_command
 from django.db import connection
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.urls import reverse
 
 from migrations_ops import roles
 from migrations_ops.fields import PREFIX
 from migrations_ops.models import Operation, OperationStatus, Target
-from tests.factories import TargetFactory
+from tests.factories import TargetFactory, UserFactory
 from tests.opsconsole.console import (
+    ROLE_USERNAMES,
+    admin_model_of,
     admin_urls,
     build_console,
     logged_in,
@@ -84,7 +94,8 @@ def console(roles, pg_target, sqlite_target, tmp_path, logs):
         ),
         TargetFactory(
             name="shop-bad-option",
-            connection_url=with_password(pg_target.url, MARKER) + "?sslmode=bogus",
+            connection_url=with_password(pg_target.url, MARKER)
+            + f"?sslmode=bogus&sslpassword={MARKER}",
         ),
     ]
     return console
@@ -95,6 +106,7 @@ class Seen:
 
     def __init__(self):
         self.texts: list[tuple[str, str]] = []
+        self.answers: dict[str, tuple[int, str]] = {}  # where → status and body
 
     def add(self, where: str, text) -> None:
         self.texts.append((where, text if isinstance(text, str) else repr(text)))
@@ -102,10 +114,101 @@ class Seen:
     def response(self, where: str, response) -> None:
         body = b"".join(response.streaming_content) if response.streaming else response.content
         headers = "\n".join(f"{k}: {v}" for k, v in response.items())
-        self.add(where, f"{response.status_code}\n{headers}\n{body.decode(errors='replace')}")
+        text = body.decode(errors="replace")
+        self.answers[where] = (response.status_code, text)
+        self.add(where, f"{response.status_code}\n{headers}\n{text}")
 
     def leaks(self) -> list[str]:
         return [where for where, text in self.texts if MARKER in text]
+
+
+def view_permissions() -> list[str]:
+    """The view permission of every model the console's apps register in the admin: each has
+    list, object and history pages where a target's URL could appear."""
+    return sorted(
+        f"{model._meta.app_label}.view_{model._meta.model_name}"
+        for model in admin.site._registry
+        if model._meta.app_label in roles.HISTORY_APPS
+    )
+
+
+def viewers(console) -> dict:
+    """Who reads the console: a superuser, each role, each view permission held alone."""
+    users = {"superuser": console.users["superuser"]}
+    users.update({role: console.users[role] for role in ROLE_USERNAMES})
+    for permission in view_permissions():
+        codename = permission.split(".")[1]
+        users[f"only {permission}"] = UserFactory(
+            username=f"only-{codename}", permissions=[permission]
+        )
+    return users
+
+
+# Django's own views of a ModelAdmin: each checks the model's permissions before it reads
+# anything (a user without them gets 403), unlike a custom view, which checks its own.
+DJANGOS_OWN_VIEWS = {"changelist", "add", "change", "delete", "history", "autocomplete"}
+
+
+def named(name: str, *args, query: str = "") -> tuple[str, str]:
+    """(URL name, URL) of an admin page, as ``admin_urls`` gives them."""
+    return name, reverse(f"admin:{name}", args=args) + query
+
+
+def pages_to_read(who: str, pages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every page for a superuser and the roles. For a user holding one view permission: the
+    pages of its model, of no model, and every custom view (a custom view that forgets its
+    permission check shows up here); Django's own views of the other models answer them 403
+    before reading anything, so reading them once per such user only costs time."""
+    if not who.startswith("only "):
+        return pages
+    own = who.removeprefix("only ").replace(".view_", "_")
+    kept = []
+    for name, url in pages:
+        model, view = admin_model_of(name or "")
+        label = f"{model._meta.app_label}_{model._meta.model_name}" if model else None
+        if model is None or label == own or view not in DJANGOS_OWN_VIEWS:
+            kept.append((name, url))
+    return kept
+
+
+def reading_client(user) -> Client:
+    client = logged_in(user)
+    client.raise_request_exception = False  # a server error is answered with its page
+    return client
+
+
+# Actions that have no confirmation page and whose effect the scan cannot afford: a drill
+# run stops a process for real (tests/incidents/test_drills.py runs one).
+ACTIONS_NOT_RUN = {("incidents.Drill", "run_now")}
+
+
+def actions_offered(user, model_admin) -> list[str]:
+    request = RequestFactory().get("/")
+    request.user = user
+    return list(model_admin.get_actions(request))
+
+
+def post_every_action(seen: Seen, who: str, user, client, marked_targets) -> None:
+    """Every admin action the user is offered, posted from its list with rows selected (the
+    marked targets for the targets' list), without the confirmation: the confirmation page
+    (or the page an action leads to, with its messages) is read."""
+    for model, model_admin in admin.site._registry.items():
+        offered = actions_offered(user, model_admin)
+        if not offered:
+            continue
+        meta = model._meta
+        url = reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist")
+        if model is Target:
+            selected = [target.pk for target in marked_targets]
+        else:
+            selected = list(model._default_manager.order_by("pk").values_list("pk", flat=True)[:3])
+        for action in offered:
+            if (meta.label, action) in ACTIONS_NOT_RUN:
+                continue
+            data = {"action": action, "_selected_action": selected, "index": "0"}
+            with running_operations():
+                response = client.post(url, data, follow=True)
+            seen.response(f"{who}: POST {url} action {action}", response)
 
 
 def console_rows() -> list[tuple[str, str]]:
@@ -130,34 +233,43 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
 ):
     settings.DEBUG = False
     seen = Seen()
-    superuser = logged_in(console.users["superuser"])
-    superuser.raise_request_exception = False  # a server error is answered with its page
+    readers = viewers(console)
+    clients = {who: reading_client(user) for who, user in readers.items()}
+    superuser = clients["superuser"]
+    marked = [console.shop, console.down, *console.odd]
 
     # The connection works with the marker in it: the scan is of a target really used.
     assert MARKER in Target.objects.get(name="shop").connection_url
     assert console.shop_db.query("SELECT count(*) FROM migrations")[0][0] == 2
 
-    # --- every admin page ----------------------------------------------------------------------
+    # --- every admin page, as everyone -----------------------------------------------------
     pages = admin_urls(console)
-    for target in (console.shop, console.down, *console.odd):
+    for target in marked:
         pages += [
-            ("target change", reverse("admin:migrations_ops_target_change", args=[target.pk])),
-            ("target history", reverse("admin:migrations_ops_target_history", args=[target.pk])),
-            ("force unlock", reverse("admin:migrations_ops_target_force_unlock", args=[target.pk])),
-            ("flags", reverse("admin:migrations_ops_target_flags", args=[target.pk])),
-            *(
-                ("operate", reverse("admin:migrations_ops_target_operate", args=[target.pk, slug]))
-                for slug in ("apply", "rollback", "fix-books", "cleanup")
-            ),
+            named(f"migrations_ops_target_{view}", target.pk)
+            for view in ("change", "history", "force_unlock", "flags")
+        ]
+        pages += [
+            named("migrations_ops_target_operate", target.pk, slug)
+            for slug in ("apply", "rollback", "fix-books", "cleanup")
         ]
     pages += [
-        ("search", reverse("admin:migrations_ops_target_changelist") + "?q=shop"),
-        ("export", reverse("admin:migrations_ops_auditevent_export") + "?target=shop"),
+        named("migrations_ops_target_changelist", query="?q=shop"),
+        named("migrations_ops_auditevent_export", query="?target=shop"),
+        # Not found: an object that does not exist, a page that does not.
+        ("missing", reverse("admin:migrations_ops_target_change", args=[999999])),
+        ("missing", "/admin/migrations_ops/nothing-here/"),
     ]
-    for name, url in pages:
-        if name == "logout":
-            continue
-        seen.response(f"GET {url}", superuser.get(url))
+    for who, client in clients.items():
+        for name, url in pages_to_read(who, pages):
+            if name != "logout":
+                seen.response(f"{who}: GET {url}", client.get(url, follow=name == "missing"))
+    # The pages were read, not refused: whoever may view targets sees the target's page, its
+    # connection masked.
+    shop_page = reverse("admin:migrations_ops_target_change", args=[console.shop.pk])
+    for who in ["superuser", *ROLE_USERNAMES, "only migrations_ops.view_target"]:
+        status, text = seen.answers[f"{who}: GET {shop_page}"]
+        assert status == 200 and "postgres:***@127.0.0.1" in text, who
 
     # A change through the admin: the target's form, its URL left blank to keep it.
     form = {
@@ -175,11 +287,6 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
     url = reverse("admin:migrations_ops_target_force_unlock", args=[console.down.pk])
     with running_operations():
         seen.response(f"POST {url}", superuser.post(url, {"reason": "down", "release_fresh": "on"}))
-    url = reverse("admin:migrations_ops_target_changelist")
-    for action in ("refresh_status", "verify_targets"):
-        selected = [console.down.pk, console.shop.pk, *(target.pk for target in console.odd)]
-        data = {"action": action, "_selected_action": selected}
-        seen.response(f"POST {url} {action}", superuser.post(url, {**data, "index": "0"}))
 
     # --- every command that can run here ---------------------------------------------------
     folder = tmp_path / "migrations"
@@ -227,9 +334,8 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
 
     # --- every API endpoint ------------------------------------------------------------------
     token = {"HTTP_AUTHORIZATION": f"Bearer {console.raw_token}"}
-    staff = Client(enforce_csrf_checks=False, raise_request_exception=False)
-    staff.force_login(console.users[roles.INCIDENT_COMMANDER])
     anonymous = Client(raise_request_exception=False)
+    staff = clients[roles.INCIDENT_COMMANDER]
     operation = Operation.objects.order_by("-pk").first()
     gets = [
         "/api/openapi.json",
@@ -250,8 +356,8 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
     for url in gets:
         for who, client, extra in [
             ("token", anonymous, token),
-            ("staff", staff, {}),
             ("nobody", anonymous, {}),
+            *((who, client, {}) for who, client in clients.items()),
         ]:
             seen.response(f"GET {url} as {who}", client.get(url, **extra))
     posts = [
@@ -270,12 +376,16 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
                 response = client.post(url, payload, content_type="application/json", **extra)
             seen.response(f"POST {url} as {who}", response)
 
+    # --- every admin action, as everyone offered it: its confirmation page ------------------
+    for who, client in clients.items():
+        post_every_action(seen, who, readers[who], client, marked)
+
     # The operations that failed to connect say why, without the password.
     failed = Operation.objects.filter(target__name="shop-down", status=OperationStatus.FAILED)
     assert failed.exists()
     assert all("cannot connect" in operation.error for operation in failed)
 
-    # --- the server error page (DEBUG off) -------------------------------------------------
+    # --- the server error page, and Django's debug page ------------------------------------
     # A URL encrypted with a key the console no longer holds: every page loading it fails.
     lost_key = Fernet(Fernet.generate_key())
     stored = PREFIX + lost_key.encrypt(with_password(console.shop_db.url, MARKER).encode()).decode()
@@ -286,14 +396,28 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
             [stored, lost.pk],
         )
     errors = [
-        ("GET", reverse("admin:migrations_ops_target_changelist"), superuser),
-        ("GET", reverse("admin:migrations_ops_target_change", args=[lost.pk]), superuser),
-        ("GET", "/api/migrations/status?live=1", staff),
+        *(
+            (who, url)
+            for who in ("superuser", roles.AUDITOR)
+            for url in [
+                reverse("admin:migrations_ops_target_changelist"),
+                reverse("admin:migrations_ops_target_change", args=[lost.pk]),
+            ]
+        ),
+        (roles.INCIDENT_COMMANDER, "/api/migrations/status?live=1"),
     ]
-    for method, url, client in errors:
-        response = client.get(url)
-        assert response.status_code == 500, url
-        seen.response(f"{method} {url} (server error)", response)
+    # The debug page (DEBUG stays on for the embedded console) shows the settings: the
+    # console's own Redis URL there carries the marker as its password.
+    redis_url = f"redis://:{MARKER}@127.0.0.1:6379/15"
+    for debug in (False, True):
+        settings.DEBUG = debug
+        settings.REDIS_URL = settings.CELERY_RESULT_BACKEND = redis_url if debug else ""
+        for who, url in errors:
+            response = clients[who].get(url)
+            assert response.status_code == 500, url
+            assert debug == ("Traceback" in response.content.decode()), url
+            seen.response(f"{who}: GET {url} (server error, DEBUG {debug})", response)
+    settings.DEBUG = False
     out, err, status = ops("status")
     assert status == 1 and "cannot be decrypted" in err  # one line, no traceback
     seen.add(f"ops status (exit {status}) with a lost key", out + err)
@@ -309,5 +433,5 @@ def test_the_password_appears_in_no_page_command_answer_log_or_row(
     for index, line in enumerate(logs.lines):
         seen.add(f"log line {index}", line)
 
-    assert len(seen.texts) > 300
+    assert len(seen.texts) > 2000  # every role read every page
     assert seen.leaks() == []
