@@ -249,6 +249,14 @@ if not TARGET_SECRET_KEY and DEBUG:
 AUDIT_CHAIN_KEY = env.str("AUDIT_CHAIN_KEY", default="")
 if not AUDIT_CHAIN_KEY and DEBUG:
     AUDIT_CHAIN_KEY = hashlib.sha256(f"opsconsole audit chain:{SECRET_KEY}".encode()).hexdigest()
+# The audit chain's newest id and hash, written (signed with AUDIT_CHAIN_KEY) after each
+# audit event commits, outside the database, so that `ops audit-verify` notices events removed
+# from the chain's end or an emptied table (migrations_ops/audit_witness.py). Keep it where the
+# console's processes can write and a database writer cannot; hosts that share it (a shared
+# file system with POSIX locks) pin every event, a host with its own pins those it wrote.
+AUDIT_WITNESS_PATH = Path(
+    env.str("AUDIT_WITNESS_PATH", default=str(DATA_DIR / "audit-witness.json"))
+)
 
 # --- the API's caches ---------------------------------------------------------------------------
 # Shared by every process through Redis when REDIS_URL is set; otherwise each process keeps its

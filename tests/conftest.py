@@ -115,3 +115,9 @@ def flush_past_append_only_triggers():
     DatabaseOperations.execute_sql_flush = flush_with_triggers_off
     yield
     DatabaseOperations.execute_sql_flush = flush
+
+
+@pytest.fixture(autouse=True)
+def audit_witness_of_this_test(settings, tmp_path_factory):
+    """Each test's audit chain starts empty: so does its witness (migrations_ops/audit_witness)."""
+    settings.AUDIT_WITNESS_PATH = tmp_path_factory.mktemp("witness") / "audit-witness.json"

@@ -20,12 +20,12 @@ from django.core.management.base import BaseCommand, CommandError
 from incidents import selectors as incident_selectors
 from incidents import services as incident_services
 from incidents.models import Drill, DrillKind, DrillRunStatus, Incident
-from migrations_ops import flag_client, selectors, services
+from migrations_ops import audit_witness, flag_client, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.demo import load_demo
 from migrations_ops.engine import CONVENTIONS
 from migrations_ops.fields import SecretKeyError
-from migrations_ops.models import Environment, Operation, OperationStatus
+from migrations_ops.models import AuditEvent, Environment, Operation, OperationStatus
 
 WAIT_POLL_SECONDS = 0.2
 
@@ -147,10 +147,16 @@ class Command(BaseCommand):
         commands.add_parser(
             "sweep", help="send stuck queued operations again, mark dead workers' operations lost"
         )
-        commands.add_parser(
+        audit_verify = commands.add_parser(
             "audit-verify",
             help="walk the audit trail's hash chain: name the first event altered, inserted or "
-            "removed",
+            "removed; compare its end with the witness kept outside the database",
+        )
+        audit_verify.add_argument(
+            "--start-witness",
+            action="store_true",
+            help="where there is no witness yet (a console upgraded to it), start one at the "
+            "chain's end once the chain verifies",
         )
         commands.add_parser("demo", help="load the demo targets and admin user")
         drill = commands.add_parser(
@@ -591,6 +597,10 @@ class Command(BaseCommand):
         if not actor.has_perm("migrations_ops.view_auditevent"):
             raise CommandError(f"{actor.name} is not allowed to view the audit trail")
         report, problems = selectors.verify_audit_chain()
+        if options["start_witness"] and [p.kind for p in problems] == ["unwitnessed"]:
+            witnessed = audit_witness.start(AuditEvent)
+            self.stdout.write(f"audit witness started at #{witnessed.last_id}")
+            report, problems = selectors.verify_audit_chain()
         events = f"{report.count} event{'s' if report.count != 1 else ''}"
         if problems:
             for problem in problems:
