@@ -18,8 +18,8 @@ from django.utils.html import format_html, format_html_join
 from django_celery_beat.admin import PeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 
-# admin_tokens registers the API tokens' admin.
-from migrations_ops import admin_tokens, selectors, services  # noqa: F401
+# admin_tokens registers the API tokens' admin; admin_users the users' and groups'.
+from migrations_ops import admin_tokens, admin_users, selectors, services  # noqa: F401
 from migrations_ops.actors import Actor
 from migrations_ops.admin_flags import TargetFlagsMixin
 from migrations_ops.admin_history import AuditHistoryMixin

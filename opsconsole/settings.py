@@ -48,6 +48,10 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django_otp.middleware.OTPMiddleware",  # request.user.is_verified()
+    # Who is asking, for audit events written without the request in hand.
+    "opsconsole.middleware.ActingUserMiddleware",
+    # A 403 (or an API 400) to a known user or token is a refused request, on the audit trail.
+    "migrations_ops.refusals.RefusalAuditMiddleware",
     # Django's MessageMiddleware, building the message storage only for a request that uses it.
     "opsconsole.middleware.LazyMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",

@@ -1,0 +1,107 @@
+"""Refused requests are on the audit trail too: who asked for what, through which door, and
+why they were refused.
+
+A service refuses by raising a ``ServiceError``, often inside ``transaction.atomic``: an event
+written there would be rolled back with the request. So each door records the refusal where
+it catches the error, after the refused work was rolled back, with ``record_refusal``; HTTP
+answers 403 (and the API's 400) are recorded by ``RefusalAuditMiddleware`` in one place,
+whichever view gave them, Django's own PermissionDenied included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from django.db import transaction
+
+from migrations_ops.actors import Actor
+from migrations_ops.models import AuditEvent, Door
+
+logger = logging.getLogger(__name__)
+
+REFUSED = "refused"
+
+
+def record_refusal(
+    actor: Actor,
+    request: str,
+    refusal: Exception | str,
+    *,
+    target=None,
+    subject=None,
+    details: dict | None = None,
+) -> AuditEvent | None:
+    """Append ``refused.<request>`` with the refusal's message. Where the refused request's
+    transaction is still open and failing (it cannot take a write), the refusal is logged
+    instead of breaking the answer."""
+    from migrations_ops import services
+
+    if transaction.get_connection().needs_rollback:
+        logger.warning("refusal not audited (its transaction is failing): %s", refusal)
+        return None
+    action = f"{REFUSED}.{request}"[:60]
+    return services.record_audit_event(
+        actor,
+        action,
+        target=target,
+        subject=subject,
+        details={
+            "request": request,
+            "refusal": type(refusal).__name__ if isinstance(refusal, Exception) else "refused",
+            "message": _storable(str(refusal))[:2000],
+            **(details or {}),
+        },
+    )
+
+
+def _storable(text: str) -> str:
+    """Hostile text as the database's JSON can keep it: no NUL, no lone surrogate."""
+    return text.encode("utf-8", "replace").decode().replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
+def http_actor(request) -> Actor | None:
+    """Who made an HTTP request: its logged-in user, or an application's API token."""
+    api = request.path.startswith("/api/")
+    door = Door.API if api else Door.ADMIN
+    token = getattr(request, "api_token", None)
+    if token is not None:
+        return Actor(user=None, name=f"token:{token.prefix}", door=door)
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return Actor.for_user(user, door)
+    return None
+
+
+def _message_of(response) -> str:
+    if response.get("Content-Type", "").startswith("application/json"):
+        try:
+            return str(json.loads(response.content)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return "permission denied"
+
+
+class RefusalAuditMiddleware:
+    """After AuthenticationMiddleware: a 403 answer, and an API's 400, to someone known (a
+    logged-in user or an API token) is a refused request. Anonymous ones are not recorded:
+    they would let anyone grow the trail at will (failed logins are recorded by the login)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        refused = response.status_code == 403 or (
+            response.status_code == 400 and request.path.startswith("/api/")
+        )
+        if refused and not getattr(response, "streaming", False):
+            actor = http_actor(request)
+            if actor is not None:
+                record_refusal(
+                    actor,
+                    f"http_{response.status_code}",
+                    _message_of(response),
+                    details={"method": request.method, "path": _storable(request.path)[:500]},
+                )
+        return response
