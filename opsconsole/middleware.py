@@ -63,6 +63,17 @@ def bound(*, request_id: str = "", ip: str | None = None):
         _current.reset(token)
 
 
+@contextlib.contextmanager
+def bound_user(user, *, door: str):
+    """``user`` acting through ``door`` for the length of the block (the request's context
+    kept)."""
+    token = _current.set(replace(current(), user=user, door=door))
+    try:
+        yield current()
+    finally:
+        _current.reset(token)
+
+
 def bind_task(task_id: str) -> None:
     """A worker's task: its events carry the task's id (a worker runs one task at a time)."""
     _current.set(RequestContext(request_id=(task_id or "")[:64]))
@@ -116,11 +127,8 @@ class ActingUserMiddleware:
 
     def __call__(self, request):
         door = "api" if request.path.startswith("/api/") else "admin"
-        token = _current.set(replace(current(), user=request.user, door=door))
-        try:
+        with bound_user(request.user, door=door):
             return self.get_response(request)
-        finally:
-            _current.reset(token)
 
 
 class LazyMessageMiddleware(MessageMiddleware):
