@@ -27,6 +27,7 @@ from incidents.models import (
 from incidents.postmortem import render_postmortem
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
+from migrations_ops.refusals import refusal_recorded
 from migrations_ops.services import ServiceError
 
 
@@ -295,6 +296,7 @@ def act_view(model_admin, request, incident_id: int, slug: str):
     try:
         done = form.perform(Actor.for_user(request.user, Door.ADMIN))
     except ServiceError as error:
+        refusal_recorded(request, f"incident.{slug}", error, subject=incident)
         model_admin.message_user(request, str(error), messages.ERROR)
     else:
         model_admin.message_user(request, done, messages.SUCCESS)

@@ -18,7 +18,6 @@ from django.utils.html import format_html, format_html_join
 from django_celery_beat.admin import PeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 
-# admin_tokens registers the API tokens' admin; admin_users the users' and groups'.
 from migrations_ops import admin_tokens, admin_users, selectors, services  # noqa: F401
 from migrations_ops.actors import Actor
 from migrations_ops.admin_flags import TargetFlagsMixin
@@ -45,6 +44,9 @@ from migrations_ops.models import (
     OperationStatus,
     Target,
 )
+
+# admin_tokens registers the API tokens' admin; admin_users the users' and groups'.
+from migrations_ops.refusals import refusal_recorded
 
 admin.site.site_header = "opsconsole"
 admin.site.site_title = "opsconsole"
@@ -179,6 +181,7 @@ class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, ad
                     incident=form.cleaned_data["incident"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "force_unlock", error, target=target)
                 form.add_error(None, error_with_link(error))
             else:
                 self.message_user(
@@ -318,6 +321,7 @@ class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
                 reason=request.POST.get("reason", ""),
             )
         except services.ServiceError as error:
+            refusal_recorded(request, "approve" if approving else "reject", error)
             self.message_user(request, str(error), messages.ERROR)
         else:
             verb = "approved" if approving else "rejected"

@@ -14,6 +14,7 @@ from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import EmergencyDisableForm, FlagsForm, ReenableStepForm
 from migrations_ops.models import Door, FlagStage, Target
+from migrations_ops.refusals import refusal_recorded
 
 
 def flags_url(target: Target) -> str:
@@ -77,6 +78,7 @@ class TargetFlagsMixin:
                     reason=flags_form.cleaned_data["reason"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "change_flags", error, target=target)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 self.message_user(
@@ -92,6 +94,7 @@ class TargetFlagsMixin:
                     actor=actor, target=target, step=step, reason=step_form.cleaned_data["reason"]
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "reenable_step", error, target=target)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 self.message_user(
@@ -152,6 +155,7 @@ class TargetFlagsMixin:
                     reason=form.cleaned_data["reason"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "emergency_disable", error)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 names = ", ".join(change.target.name for change in changes)

@@ -105,3 +105,8 @@ class RefusalAuditMiddleware:
                     details={"method": request.method, "path": _storable(request.path)[:500]},
                 )
         return response
+
+
+def refusal_recorded(request, what: str, refusal: Exception, **about) -> AuditEvent | None:
+    """``record_refusal`` for an admin view or action that caught a service's refusal."""
+    return record_refusal(Actor.for_user(request.user, Door.ADMIN), what, refusal, **about)

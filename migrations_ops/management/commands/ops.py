@@ -26,6 +26,7 @@ from migrations_ops.demo import load_demo
 from migrations_ops.engine import CONVENTIONS
 from migrations_ops.fields import SecretKeyError
 from migrations_ops.models import AuditEvent, Environment, Operation, OperationStatus
+from migrations_ops.refusals import record_refusal
 
 WAIT_POLL_SECONDS = 0.2
 
@@ -250,7 +251,11 @@ class Command(BaseCommand):
         handler = getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")
         try:
             return handler(actor, options)
-        except (services.ServiceError, SecretKeyError) as error:
+        except services.ServiceError as error:
+            # A refusal is on the audit trail, after the refused work was rolled back.
+            record_refusal(actor, f"cli.{options['subcommand']}", error)
+            raise CommandError(str(error)) from None
+        except SecretKeyError as error:
             # A key missing from TARGET_SECRET_KEY is one line too, not a traceback.
             raise CommandError(str(error)) from None
         except AwaitingApproval as waiting:
@@ -569,7 +574,7 @@ class Command(BaseCommand):
 
     def _token_list(self, actor, options):
         if not actor.has_perm("migrations_ops.view_apitoken"):
-            raise CommandError(f"{actor.name} is not allowed to list API tokens")
+            raise services.PermissionDenied(f"{actor.name} is not allowed to list API tokens")
         for token in selectors.api_tokens():
             targets = ",".join(target.name for target in token.targets.all())
             used = f"{token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never"
@@ -595,7 +600,7 @@ class Command(BaseCommand):
 
     def handle_audit_verify(self, actor, options):
         if not actor.has_perm("migrations_ops.view_auditevent"):
-            raise CommandError(f"{actor.name} is not allowed to view the audit trail")
+            raise services.PermissionDenied(f"{actor.name} is not allowed to view the audit trail")
         report, problems = selectors.verify_audit_chain()
         if options["start_witness"] and [p.kind for p in problems] == ["unwitnessed"]:
             witnessed = audit_witness.start(AuditEvent)
