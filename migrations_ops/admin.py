@@ -46,7 +46,7 @@ from migrations_ops.models import (
 )
 
 # admin_tokens registers the API tokens' admin; admin_users the users' and groups'.
-from migrations_ops.refusals import refusal_recorded
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 admin.site.site_header = "opsconsole"
 admin.site.site_title = "opsconsole"
@@ -191,6 +191,8 @@ class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, ad
                 )
                 warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
+        elif request.method == "POST":
+            invalid_form_recorded(request, "force_unlock", form, target=target)
         status = services.read_target_status(target, include_applied=False)
         report = selectors.lock_report(target)
         context = {

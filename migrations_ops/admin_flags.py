@@ -14,7 +14,7 @@ from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import EmergencyDisableForm, FlagsForm, ReenableStepForm
 from migrations_ops.models import Door, FlagStage, Target
-from migrations_ops.refusals import refusal_recorded
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 
 def flags_url(target: Target) -> str:
@@ -104,6 +104,10 @@ class TargetFlagsMixin:
                     messages.SUCCESS,
                 )
                 return redirect(flags_url(target))
+        elif which in ("flags", "reenable"):
+            posted_form = flags_form if which == "flags" else step_form
+            what = "change_flags" if which == "flags" else "reenable_step"
+            invalid_form_recorded(request, what, posted_form, target=target)
         next_step = selectors.next_reenable_step(target)
         context = {
             **self.admin_site.each_context(request),
@@ -166,6 +170,8 @@ class TargetFlagsMixin:
                     messages.SUCCESS,
                 )
                 return redirect(changelist)
+        elif request.method == "POST":
+            invalid_form_recorded(request, "emergency_disable", form)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,

@@ -17,7 +17,7 @@ from migrations_ops import engine, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import add_incident_field
 from migrations_ops.models import Door, OperationKind, Target
-from migrations_ops.refusals import refusal_recorded
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,8 @@ class TargetOperationsMixin:
                 )
                 warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
+        elif request.method == "POST":
+            invalid_form_recorded(request, action.slug, form, target=target)
         report = selectors.lock_report(target)
         context = {
             **self.admin_site.each_context(request),

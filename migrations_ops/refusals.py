@@ -110,3 +110,15 @@ class RefusalAuditMiddleware:
 def refusal_recorded(request, what: str, refusal: Exception, **about) -> AuditEvent | None:
     """``record_refusal`` for an admin view or action that caught a service's refusal."""
     return record_refusal(Actor.for_user(request.user, Door.ADMIN), what, refusal, **about)
+
+
+def invalid_form_recorded(request, what: str, form, **about) -> AuditEvent | None:
+    """A confirmation page posted with errors (a reason left out, a name mistyped) is a request
+    refused too, before any service saw it."""
+    from migrations_ops.services import InvalidRequest
+
+    line = "; ".join(
+        f"{form[name].label}: {errors[0]}" if name != "__all__" else errors[0]
+        for name, errors in form.errors.items()
+    )
+    return refusal_recorded(request, what, InvalidRequest(line.replace("\n", " ")), **about)

@@ -105,3 +105,22 @@ def test_a_cli_refusal_is_recorded():
         "cli",
     )
     assert event.details["message"] == "stranger is not allowed to view the audit trail"
+
+
+def test_an_admin_confirmation_posted_with_errors_is_recorded(client, roles, pg_target):
+    client.force_login(member("On-call engineer", "oncall"))
+    target = TargetFactory(db=pg_target, name="orders")
+
+    response = client.post(
+        reverse("admin:migrations_ops_target_force_unlock", args=[target.pk]), {"reason": ""}
+    )
+
+    assert response.status_code == 200
+    (event,) = refused()
+    assert (event.action, event.actor_name, event.target_name) == (
+        "refused.force_unlock",
+        "oncall",
+        "orders",
+    )
+    assert event.details["refusal"] == "InvalidRequest"
+    assert "This field is required." in event.details["message"]
