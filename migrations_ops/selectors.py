@@ -197,6 +197,7 @@ def verify_audit_chain(chunk_size: int = 2000):
     # The witness's word on the chain's end, always shown: the walk cannot see a cut end.
     witnessed = audit_witness.check(AuditEvent, count=report.count, last_id=report.last_id)
     report.problem_count += len(witnessed)
+    report.witnessed = None if witnessed else audit_witness.read()
     return report, problems + witnessed
 
 

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 from django.apps import apps
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 
-from migrations_ops import audit_chain, services
+from migrations_ops import audit_chain, audit_witness, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent
 from tests.factories import UserFactory
@@ -28,6 +29,10 @@ def commit() -> None:
     connection.run_on_commit.clear()
     for _savepoints, callback, _robust in pending:
         callback()
+
+
+def witnessed_at() -> str:
+    return audit_witness.read().written_at
 
 
 def verify(*options: str) -> tuple[str, str]:
@@ -59,7 +64,9 @@ def test_an_untouched_trail_verifies_and_its_last_hash_is_printed():
     out, err = verify()
 
     assert err == ""
-    assert out.strip() == f"audit chain intact: 3 events, last #{events[-1].pk} {events[-1].hash}"
+    assert out.splitlines()[0] == (
+        f"audit chain intact: 3 events, last #{events[-1].pk} {events[-1].hash}"
+    )
     assert events[0].previous_hash == ""
     assert events[1].previous_hash == events[0].hash
     assert events[2].previous_hash == events[1].hash
@@ -253,9 +260,11 @@ def test_the_migration_chains_the_events_written_before_the_chain():
     out, err = verify("--start-witness")
     last = AuditEvent.objects.order_by("-id").first()
     assert err == ""
-    assert out.splitlines() == [
+    assert out.splitlines()[:3] == [
         f"audit witness started at #{last.pk}",
         f"audit chain intact: 5 events, last #{last.pk} {last.hash}",
+        f"it passes through #{last.pk}, witnessed {witnessed_at()} in "
+        f"{settings.AUDIT_WITNESS_PATH}",
     ]
 
 

@@ -117,7 +117,11 @@ def test_an_untouched_trail_with_its_witness_is_intact():
     out, err = verify()
 
     assert err == ""
-    assert out == f"audit chain intact: 2 events, last #{events[-1].pk} {events[-1].hash}\n"
+    assert out.splitlines() == [
+        f"audit chain intact: 2 events, last #{events[-1].pk} {events[-1].hash}",
+        f"it passes through #{events[-1].pk}, witnessed {witnessed().written_at} in "
+        f"{settings.AUDIT_WITNESS_PATH}",
+    ]
     assert witnessed().last_id == events[-1].pk
 
 

@@ -617,6 +617,11 @@ class Command(BaseCommand):
             )
         last = f", last #{report.last_id} {report.last_hash}" if report.count else ""
         self.stdout.write(f"audit chain intact: {events}{last}")
+        if report.witnessed is not None:
+            self.stdout.write(
+                f"it passes through #{report.witnessed.last_id}, witnessed "
+                f"{report.witnessed.written_at} in {audit_witness.witness_path()}"
+            )
 
     def handle_rotate_secrets(self, actor, options):
         count = services.rotate_target_secrets(actor=actor)
