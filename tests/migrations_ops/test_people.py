@@ -6,7 +6,7 @@ import io
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
 from django.core.management import call_command
 from django.db import transaction
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -142,3 +142,26 @@ def test_the_rules_hold_below_the_admin(roles):
     assert not admin_user.is_superuser
     assert not other.groups.exists()
     assert admin_user.groups.count() == 1
+
+
+def test_permissions_given_to_a_user_and_a_group_are_recorded_with_before_and_after(roles):
+    root = UserFactory(username="root", is_superuser=True)
+    user = UserFactory(username="frank")
+    group = Group.objects.create(name="Release managers")
+    change_user = Permission.objects.get(codename="change_user")
+
+    with acting_as(root):
+        user.user_permissions.add(change_user)
+        group.permissions.add(change_user)
+        group.permissions.remove(change_user)
+
+    (given,) = events("user.permissions_changed")
+    assert (given.actor_name, given.door, given.object_id) == ("root", "admin", user.pk)
+    assert (given.before, given.after) == (
+        {"permissions": []},
+        {"permissions": ["auth.change_user"]},
+    )
+    assert [(e.before, e.after) for e in events("group.permissions_changed")] == [
+        ({"permissions": []}, {"permissions": ["auth.change_user"]}),
+        ({"permissions": ["auth.change_user"]}, {"permissions": []}),
+    ]
