@@ -79,7 +79,7 @@ def _message_of(response) -> str:
             return str(json.loads(response.content)["error"]["message"])
         except (ValueError, KeyError, TypeError):
             pass
-    return "permission denied"
+    return "permission denied" if response.status_code == 403 else "bad request"
 
 
 class RefusalAuditMiddleware:

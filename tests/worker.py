@@ -30,6 +30,8 @@ def celery_worker(*, database_url: str, redis_url: str, queue: str, log_path: Pa
         "CELERY_QUEUE": queue,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "TARGET_CONNECT_TIMEOUT": "3",
+        # The worker's audit witness, beside its log (not the checkout's data/ folder).
+        "AUDIT_WITNESS_PATH": str(log_path.parent / "audit-witness.json"),
     }
     with open(log_path, "w") as log:
         process = subprocess.Popen(
