@@ -4,8 +4,12 @@ why they were refused.
 A service refuses by raising a ``ServiceError``, often inside ``transaction.atomic``: an event
 written there would be rolled back with the request. So each door records the refusal where
 it catches the error, after the refused work was rolled back, with ``record_refusal``; HTTP
-answers 403 (and the API's 400) are recorded by ``RefusalAuditMiddleware`` in one place,
-whichever view gave them, Django's own PermissionDenied included.
+answers 403 (and the API's 400 and 409) are recorded by ``RefusalAuditMiddleware`` in one
+place, whichever view gave them, Django's own PermissionDenied included.
+
+A refusal is the console saying no to a request it understood: not allowed (403), invalid
+(400), or not now (a conflict, 409: another operation in the way, a rollback out of order).
+An unknown name (404) or an unreachable target (503) is not one: nothing was refused.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def record_refusal(
     instead of breaking the answer."""
     from migrations_ops import services
 
+    if isinstance(refusal, services.ServiceError) and not is_refusal(refusal):
+        return None
     if transaction.get_connection().needs_rollback:
         logger.warning("refusal not audited (its transaction is failing): %s", refusal)
         return None
@@ -53,6 +59,14 @@ def record_refusal(
             **(details or {}),
         },
     )
+
+
+def is_refusal(error) -> bool:
+    """Whether a service's error is a refusal (above): the API answers these 400, 403, 409."""
+    from migrations_ops import services
+
+    refusals = (services.InvalidRequest, services.PermissionDenied, services.OperationInProgress)
+    return isinstance(error, refusals) or type(error) is services.ServiceError
 
 
 def _storable(text: str) -> str:
@@ -79,12 +93,12 @@ def _message_of(response) -> str:
             return str(json.loads(response.content)["error"]["message"])
         except (ValueError, KeyError, TypeError):
             pass
-    return "permission denied" if response.status_code == 403 else "bad request"
+    return {403: "permission denied", 409: "conflict"}.get(response.status_code, "bad request")
 
 
 class RefusalAuditMiddleware:
-    """After AuthenticationMiddleware: a 403 answer, and an API's 400, to someone known (a
-    logged-in user or an API token) is a refused request. Anonymous ones are not recorded:
+    """After AuthenticationMiddleware: a 403 answer, and an API's 400 or 409, to someone known
+    (a logged-in user or an API token) is a refused request. Anonymous ones are not recorded:
     they would let anyone grow the trail at will (failed logins are recorded by the login)."""
 
     def __init__(self, get_response):
@@ -93,7 +107,7 @@ class RefusalAuditMiddleware:
     def __call__(self, request):
         response = self.get_response(request)
         refused = response.status_code == 403 or (
-            response.status_code == 400 and request.path.startswith("/api/")
+            response.status_code in (400, 409) and request.path.startswith("/api/")
         )
         if refused and not getattr(response, "streaming", False):
             actor = http_actor(request)

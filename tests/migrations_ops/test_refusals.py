@@ -124,3 +124,10 @@ def test_an_admin_confirmation_posted_with_errors_is_recorded(client, roles, pg_
     )
     assert event.details["refusal"] == "InvalidRequest"
     assert "This field is required." in event.details["message"]
+
+
+def test_an_unknown_name_is_answered_but_is_no_refusal():
+    with pytest.raises(CommandError, match="nowhere"):
+        call_command("ops", "flags", "--target", "nowhere")
+
+    assert refused() == []
