@@ -26,6 +26,7 @@ from migrations_ops.actors import Actor
 from migrations_ops.admin import ReadOnlyAdmin
 from migrations_ops.admin_history import AuditHistoryMixin
 from migrations_ops.models import Door, Environment, Target
+from migrations_ops.refusals import refusal_recorded
 from migrations_ops.services import ServiceError
 
 VERDICT_COLOURS = {
@@ -237,6 +238,7 @@ class IncidentAdmin(AuditHistoryMixin, admin.ModelAdmin):
             try:
                 items = services.run_checks(actor=actor, incident=incident)
             except ServiceError as error:
+                refusal_recorded(request, "incident.run_checks", error, subject=incident)
                 self.message_user(request, f"#{incident.pk}: {error}", messages.ERROR)
                 continue
             summary = ", ".join(f"{item.get_key_display()} {item.result}" for item in items)
@@ -382,6 +384,7 @@ class IncidentAdmin(AuditHistoryMixin, admin.ModelAdmin):
         try:
             return super().changeform_view(request, object_id, form_url, extra_context)
         except ServiceError as error:
+            refusal_recorded(request, "incident.change", error)
             self.message_user(request, str(error), messages.ERROR)
             return self.response_post_save_change(request, None)
 
@@ -532,6 +535,7 @@ class DrillAdmin(admin.ModelAdmin):
             try:
                 run = services.request_drill(actor=actor, drill=drill)
             except ServiceError as error:
+                refusal_recorded(request, "drill.run_now", error, subject=drill)
                 self.message_user(request, f"{drill}: {error}", messages.ERROR)
             else:
                 self.message_user(

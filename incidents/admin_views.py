@@ -27,6 +27,7 @@ from incidents.models import (
 from incidents.postmortem import render_postmortem
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 from migrations_ops.services import ServiceError
 
 
@@ -290,11 +291,13 @@ def act_view(model_admin, request, incident_id: int, slug: str):
     with timezone.override(dt.UTC):
         valid = form.is_valid()
     if not valid:
+        invalid_form_recorded(request, f"incident.{slug}", form, subject=incident)
         model_admin.message_user(request, form_error_line(form), messages.ERROR)
         return redirect(change_url(incident.pk))
     try:
         done = form.perform(Actor.for_user(request.user, Door.ADMIN))
     except ServiceError as error:
+        refusal_recorded(request, f"incident.{slug}", error, subject=incident)
         model_admin.message_user(request, str(error), messages.ERROR)
     else:
         model_admin.message_user(request, done, messages.SUCCESS)

@@ -5,6 +5,7 @@ from celery import shared_task
 from incidents import services
 from incidents.models import Drill
 from migrations_ops.actors import Actor
+from migrations_ops.refusals import record_refusal
 
 
 @shared_task(name="incidents.tasks.run_scheduled_drill")
@@ -14,9 +15,11 @@ def run_scheduled_drill(drill_id: int) -> str | None:
     drill = Drill.objects.select_related("target").filter(pk=drill_id, enabled=True).first()
     if drill is None:
         return None
+    actor = Actor.worker("drill-schedule")
     try:
-        run = services.run_drill(actor=Actor.worker("drill-schedule"), drill=drill, scheduled=True)
+        run = services.run_drill(actor=actor, drill=drill, scheduled=True)
     except services.ServiceError as refusal:
+        record_refusal(actor, "drill.run_scheduled", refusal, subject=drill)
         return f"refused: {refusal}"
     return run.status
 

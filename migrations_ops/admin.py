@@ -18,8 +18,7 @@ from django.utils.html import format_html, format_html_join
 from django_celery_beat.admin import PeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask
 
-# admin_tokens registers the API tokens' admin.
-from migrations_ops import admin_tokens, selectors, services  # noqa: F401
+from migrations_ops import admin_tokens, admin_users, selectors, services  # noqa: F401
 from migrations_ops.actors import Actor
 from migrations_ops.admin_flags import TargetFlagsMixin
 from migrations_ops.admin_history import AuditHistoryMixin
@@ -45,6 +44,9 @@ from migrations_ops.models import (
     OperationStatus,
     Target,
 )
+
+# admin_tokens registers the API tokens' admin; admin_users the users' and groups'.
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 admin.site.site_header = "opsconsole"
 admin.site.site_title = "opsconsole"
@@ -183,6 +185,7 @@ class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, ad
                     incident=form.cleaned_data["incident"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "force_unlock", error, target=target)
                 form.add_error(None, error_with_link(error))
             else:
                 self.message_user(
@@ -192,6 +195,8 @@ class TargetAdmin(AuditHistoryMixin, TargetFlagsMixin, TargetOperationsMixin, ad
                 )
                 warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
+        elif request.method == "POST":
+            invalid_form_recorded(request, "force_unlock", form, target=target)
         status = services.read_target_status(target, include_applied=False)
         report = selectors.lock_report(target)
         context = {
@@ -322,6 +327,7 @@ class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
                 reason=request.POST.get("reason", ""),
             )
         except services.ServiceError as error:
+            refusal_recorded(request, "approve" if approving else "reject", error)
             self.message_user(request, str(error), messages.ERROR)
         else:
             verb = "approved" if approving else "rejected"

@@ -14,6 +14,7 @@ from migrations_ops import selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import EmergencyDisableForm, FlagsForm, ReenableStepForm
 from migrations_ops.models import Door, FlagStage, Target
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 
 def flags_url(target: Target) -> str:
@@ -77,6 +78,7 @@ class TargetFlagsMixin:
                     reason=flags_form.cleaned_data["reason"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "change_flags", error, target=target)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 self.message_user(
@@ -92,6 +94,7 @@ class TargetFlagsMixin:
                     actor=actor, target=target, step=step, reason=step_form.cleaned_data["reason"]
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "reenable_step", error, target=target)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 self.message_user(
@@ -101,6 +104,10 @@ class TargetFlagsMixin:
                     messages.SUCCESS,
                 )
                 return redirect(flags_url(target))
+        elif which in ("flags", "reenable"):
+            posted_form = flags_form if which == "flags" else step_form
+            what = "change_flags" if which == "flags" else "reenable_step"
+            invalid_form_recorded(request, what, posted_form, target=target)
         next_step = selectors.next_reenable_step(target)
         context = {
             **self.admin_site.each_context(request),
@@ -152,6 +159,7 @@ class TargetFlagsMixin:
                     reason=form.cleaned_data["reason"],
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, "emergency_disable", error)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 names = ", ".join(change.target.name for change in changes)
@@ -162,6 +170,8 @@ class TargetFlagsMixin:
                     messages.SUCCESS,
                 )
                 return redirect(changelist)
+        elif request.method == "POST":
+            invalid_form_recorded(request, "emergency_disable", form)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,

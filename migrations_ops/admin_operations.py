@@ -17,6 +17,7 @@ from migrations_ops import engine, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import add_incident_field
 from migrations_ops.models import Door, OperationKind, Target
+from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class TargetOperationsMixin:
                     Actor.for_user(request.user, Door.ADMIN), target, action, form.cleaned_data
                 )
             except services.ServiceError as error:
+                refusal_recorded(request, action.slug, error, target=target)
                 form.add_error(None, error_with_link(error))
             else:
                 self.message_user(
@@ -217,6 +219,8 @@ class TargetOperationsMixin:
                 )
                 warn_if_broker_down(self, request, operation)
                 return redirect("admin:migrations_ops_operation_change", operation.pk)
+        elif request.method == "POST":
+            invalid_form_recorded(request, action.slug, form, target=target)
         report = selectors.lock_report(target)
         context = {
             **self.admin_site.each_context(request),
@@ -251,6 +255,7 @@ def verify_targets(modeladmin, request, queryset):
         try:
             operation = services.request_verify(actor=actor, target=target)
         except services.ServiceError as error:
+            refusal_recorded(request, "verify", error, target=target)
             modeladmin.message_user(request, f"{target.name}: {error}", messages.ERROR)
             continue
         operation.refresh_from_db()

@@ -11,6 +11,7 @@ from django.template.response import TemplateResponse
 from migrations_ops import services
 from migrations_ops.actors import Actor
 from migrations_ops.models import ApiToken, Door, Target
+from migrations_ops.refusals import refusal_recorded
 
 
 class ApiTokenForm(forms.ModelForm):
@@ -120,6 +121,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
             try:
                 services.revoke_api_token(actor=actor, token=token)
             except services.ServiceError as error:
+                refusal_recorded(request, "revoke_api_token", error, subject=token)
                 self.message_user(request, str(error), messages.ERROR)
             else:
                 revoked.append(f"{token.name} ({token.prefix})")

@@ -7,4 +7,7 @@ class MigrationsOpsConfig(AppConfig):
 
     def ready(self) -> None:
         # Connects the API caches to target changes (services: "what the API serves from cache").
-        from migrations_ops import checks, services  # noqa: F401
+        from migrations_ops import checks, people, services  # noqa: F401
+
+        # Every change of who may do what is audited, and checked, whichever door made it.
+        people.connect()

@@ -14,8 +14,9 @@ database's single write lock, taken before the read. Whoever holds the chain loc
 nothing after it (it is the last lock of a transaction), or two transactions could wait for
 each other: write the audit event last.
 
-What the chain cannot tell by itself: rows removed from its end. ``ops audit-verify`` prints the
-last hash; an auditor who notes it can check later that the chain still passes through it.
+What the chain cannot tell by itself: rows removed from its end, or all of them. After each
+append commits, its head is written outside the database (``audit_witness``), and ``ops
+audit-verify`` checks the chain still passes through it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hmac
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -84,10 +86,10 @@ def compute_hash(previous_hash: str, content: dict) -> str:
     text = json.dumps(
         _canonical(content), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return hmac.new(_key(), (previous_hash + text).encode(), hashlib.sha256).hexdigest()
+    return hmac.new(chain_key(), (previous_hash + text).encode(), hashlib.sha256).hexdigest()
 
 
-def _key() -> bytes:
+def chain_key() -> bytes:
     if not settings.AUDIT_CHAIN_KEY:
         raise ImproperlyConfigured(
             "AUDIT_CHAIN_KEY is not set: it keys the audit trail's hash chain "
@@ -124,9 +126,11 @@ def append(event):
     """Seal and insert one event, in the caller's transaction (or a new one)."""
     using = router.db_for_write(type(event))
     with transaction.atomic(using=using, savepoint=False):
-        seal(event, chain_head(type(event), using))
+        linked_to = chain_head(type(event), using)
+        seal(event, linked_to)
         # Every operation writes two events: plain SQL spares the ORM's insert machinery.
         plain_rows.insert(event, using=using)
+        _witness_on_commit(type(event), event, linked_to, using)
     return event
 
 
@@ -134,18 +138,39 @@ def append_many(model, events: list, *, batch_size: int = 2000) -> list:
     """Seal and insert many events in one transaction, chained in list order."""
     using = router.db_for_write(model)
     with transaction.atomic(using=using, savepoint=False):
-        previous = chain_head(model, using)
+        linked_to = previous = chain_head(model, using)
         for event in events:
             previous = seal(event, previous)
         # One statement per batch: ids are handed out in the order of the rows.
-        return model._base_manager.using(using).bulk_create(events, batch_size=batch_size)
+        created = model._base_manager.using(using).bulk_create(events, batch_size=batch_size)
+        if created:
+            _witness_on_commit(model, created[-1], linked_to, using)
+        return created
+
+
+def _witness_on_commit(model, event, linked_to: str, using: str) -> None:
+    """Once the event is committed (never before: a rolled-back event must not be witnessed),
+    move the witness to it. A failure to write the witness is logged, never the request's."""
+    from migrations_ops import audit_witness
+
+    transaction.on_commit(
+        partial(
+            audit_witness.advance,
+            model,
+            last_id=event.pk,
+            last_hash=event.hash,
+            linked_to=linked_to,
+        ),
+        using=using,
+        robust=True,
+    )
 
 
 # --- verifying --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ChainProblem:
     event_id: int
-    kind: str  # "altered", "inserted" or "removed"
+    kind: str  # "altered", "inserted", "removed"; from the witness "unwitnessed", "witness damaged"
     message: str
 
 

@@ -29,7 +29,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from incidents.models import OPEN_STATUSES, Incident, Severity
-from migrations_ops import audit_chain
+from migrations_ops import audit_chain, audit_witness
 from migrations_ops.models import (
     ACTIVE_STATUSES,
     FLAG_FIELDS,
@@ -185,7 +185,8 @@ CHAIN_PROBLEMS_SHOWN = 10
 
 
 def verify_audit_chain(chunk_size: int = 2000):
-    """Walk the whole audit trail in id order, streaming it: ``(report, problems)`` with the
+    """Walk the whole audit trail in id order, streaming it, then compare its end with the
+    witness kept outside the database (``audit_witness``): ``(report, problems)`` with the
     first ``CHAIN_PROBLEMS_SHOWN`` problems; ``report.problem_count`` counts them all."""
     report = audit_chain.ChainReport()
     report.problem_count = 0
@@ -195,7 +196,11 @@ def verify_audit_chain(chunk_size: int = 2000):
         report.problem_count += 1
         if len(problems) < CHAIN_PROBLEMS_SHOWN:
             problems.append(problem)
-    return report, problems
+    # The witness's word on the chain's end, always shown: the walk cannot see a cut end.
+    witnessed = audit_witness.check(AuditEvent, count=report.count, last_id=report.last_id)
+    report.problem_count += len(witnessed)
+    report.witnessed = None if witnessed else audit_witness.read()
+    return report, problems + witnessed
 
 
 def history_of(obj, limit: int = 200) -> list[AuditEvent]:

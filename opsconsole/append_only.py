@@ -1,5 +1,7 @@
 """History rows (audit events, incident timelines, post-mortem addenda) are append-only: the
-models refuse to change or delete a saved row, and on PostgreSQL a trigger refuses it too."""
+models refuse to change or delete a saved row, and on PostgreSQL triggers refuse it too: one
+per row for UPDATE and DELETE (``append_only``), one per statement for TRUNCATE, which row
+triggers never see (``truncate_refused``)."""
 
 from django.db import migrations, models
 
@@ -45,11 +47,26 @@ DROP TRIGGER IF EXISTS {trigger} ON {table};
 DROP FUNCTION IF EXISTS {function}();
 """
 
-    def run(sql):
-        def operation(apps, schema_editor):
-            if schema_editor.connection.vendor == "postgresql":
-                schema_editor.execute(sql, params=None)
+    return migrations.RunPython(_on_postgresql(create), _on_postgresql(drop))
 
-        return operation
 
-    return migrations.RunPython(run(create), run(drop))
+def truncate_refused(table: str) -> migrations.RunPython:
+    """A statement-level trigger refusing TRUNCATE of ``table``, with the function its
+    ``append_only`` trigger calls (which must exist: the error reads the same)."""
+    function = f"opsconsole_refuse_{table}_change"
+    trigger = f"{table}_no_truncate"
+    create = f"""
+CREATE TRIGGER {trigger}
+    BEFORE TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+"""
+    drop = f"DROP TRIGGER IF EXISTS {trigger} ON {table};"
+    return migrations.RunPython(_on_postgresql(create), _on_postgresql(drop))
+
+
+def _on_postgresql(sql: str):
+    def operation(apps, schema_editor):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(sql, params=None)
+
+    return operation

@@ -1,6 +1,8 @@
-"""Where a request came from, for the audit trail: a request id and the client's address.
+"""Where a request came from, for the audit trail: a request id, the client's address and,
+once authenticated, who is asking and through which door.
 
-``RequestContextMiddleware`` keeps both in a context variable for the length of the request;
+``RequestContextMiddleware`` keeps them in a context variable for the length of the request
+(``ActingUserMiddleware`` adds the user after Django's AuthenticationMiddleware);
 ``migrations_ops.services.record_audit_event`` reads it, so every event written while serving
 the request carries them, whichever service writes it. The CLI and tasks bind their own
 (``bound``): none for the CLI, the task's id for a task.
@@ -13,8 +15,9 @@ import ipaddress
 import re
 import uuid
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.messages.storage import default_storage
@@ -32,6 +35,15 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 class RequestContext:
     request_id: str = ""
     ip: str | None = None
+    # The request's user (Django's lazy ``request.user``: read only when an event needs it)
+    # and door ("admin" or "api"); None outside a request (the CLI, a shell, a task).
+    user: Any = None
+    door: str = ""
+
+    def acting_user(self):
+        """The authenticated user making the request, or None."""
+        user = self.user
+        return user if user is not None and user.is_authenticated else None
 
 
 NO_REQUEST = RequestContext()
@@ -45,6 +57,17 @@ def current() -> RequestContext:
 @contextlib.contextmanager
 def bound(*, request_id: str = "", ip: str | None = None):
     token = _current.set(RequestContext(request_id=request_id, ip=normalised_ip(ip)))
+    try:
+        yield current()
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def bound_user(user, *, door: str):
+    """``user`` acting through ``door`` for the length of the block (the request's context
+    kept)."""
+    token = _current.set(replace(current(), user=user, door=door))
     try:
         yield current()
     finally:
@@ -93,6 +116,19 @@ class RequestContextMiddleware:
             response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response
+
+
+class ActingUserMiddleware:
+    """After AuthenticationMiddleware: who is asking, for events written by code that has no
+    request in hand (the signals recording changes of users and groups: migrations_ops.people)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        door = "api" if request.path.startswith("/api/") else "admin"
+        with bound_user(request.user, door=door):
+            return self.get_response(request)
 
 
 class LazyMessageMiddleware(MessageMiddleware):

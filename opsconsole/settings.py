@@ -50,6 +50,10 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django_otp.middleware.OTPMiddleware",  # request.user.is_verified()
+    # Who is asking, for audit events written without the request in hand.
+    "opsconsole.middleware.ActingUserMiddleware",
+    # A 403 (or an API 400) to a known user or token is a refused request, on the audit trail.
+    "migrations_ops.refusals.RefusalAuditMiddleware",
     # Django's MessageMiddleware, building the message storage only for a request that uses it.
     "opsconsole.middleware.LazyMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
@@ -282,6 +286,14 @@ if not TARGET_SECRET_KEY and DEBUG:
 AUDIT_CHAIN_KEY = env.str("AUDIT_CHAIN_KEY", default="")
 if not AUDIT_CHAIN_KEY and DEBUG:
     AUDIT_CHAIN_KEY = hashlib.sha256(f"opsconsole audit chain:{SECRET_KEY}".encode()).hexdigest()
+# The audit chain's newest id and hash, written (signed with AUDIT_CHAIN_KEY) after each
+# audit event commits, outside the database, so that `ops audit-verify` notices events removed
+# from the chain's end or an emptied table (migrations_ops/audit_witness.py). Keep it where the
+# console's processes can write and a database writer cannot; hosts that share it (a shared
+# file system with POSIX locks) pin every event, a host with its own pins those it wrote.
+AUDIT_WITNESS_PATH = Path(
+    env.str("AUDIT_WITNESS_PATH", default=str(DATA_DIR / "audit-witness.json"))
+)
 
 # --- the API's caches ---------------------------------------------------------------------------
 # Shared by every process through Redis when CACHE_URL (by default REDIS_URL, the broker's) is

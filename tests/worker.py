@@ -19,8 +19,11 @@ def database_url(db: dict) -> str:
     return f"postgres://{user}{password}@{host}/{db['NAME']}"
 
 
-def console_env(*, database_url: str, redis_url: str, queue: str, **more: str) -> dict:
-    """The environment of a worker or beat process on the test database and Redis."""
+def console_env(
+    *, database_url: str, redis_url: str, queue: str, log_path: Path, **more: str
+) -> dict:
+    """The environment of a worker or beat process on the test database and Redis; its audit
+    witness beside its log (not the checkout's data/ folder)."""
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
@@ -29,6 +32,7 @@ def console_env(*, database_url: str, redis_url: str, queue: str, **more: str) -
         "CELERY_QUEUE": queue,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "TARGET_CONNECT_TIMEOUT": "3",
+        "AUDIT_WITNESS_PATH": str(log_path.parent / "audit-witness.json"),
         **more,
     }
 
@@ -60,6 +64,7 @@ def celery_worker(
         database_url=database_url,
         redis_url=redis_url,
         queue=queue,
+        log_path=log_path,
         WORKER_HEARTBEAT_SECONDS="1",
     )
     with open(log_path, "w") as log:
@@ -103,6 +108,7 @@ def celery_beat(*, database_url: str, redis_url: str, queue: str, log_path: Path
         database_url=database_url,
         redis_url=redis_url,
         queue=queue,
+        log_path=log_path,
         OPERATION_SWEEP_INTERVAL=str(every),
         LOCK_OBSERVE_INTERVAL=str(every),
     )

@@ -391,6 +391,21 @@ def test_the_scheduled_task_runs_an_enabled_drill_and_skips_a_disabled_one(pg_sa
     assert run.scheduled and run.started_by == "worker:drill-schedule"
 
 
+def test_a_scheduled_drill_refused_is_on_the_audit_trail(pg_sandbox):
+    from incidents.tasks import run_scheduled_drill
+    from migrations_ops.models import AuditEvent
+
+    drill = services.schedule_drill(actor=OPERATOR, kind=DrillKind.LOCK_RELEASE, target=pg_sandbox)
+    running = services.start_drill(actor=OPERATOR, drill=drill)
+
+    answer = run_scheduled_drill(drill.pk)
+
+    assert answer.startswith(f"refused: drill run #{running.pk}")
+    event = AuditEvent.objects.get(action="refused.drill.run_scheduled")
+    assert (event.actor_name, event.door) == ("worker:drill-schedule", "task")
+    assert event.details["message"] == answer.removeprefix("refused: ")
+
+
 def test_admin_shows_a_refused_run_as_one_line(admin_client, pg_sandbox):
     drill = services.schedule_drill(actor=OPERATOR, kind=DrillKind.LOCK_RELEASE, target=pg_sandbox)
     running = services.start_drill(actor=OPERATOR, drill=drill)

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 from django.apps import apps
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 
-from migrations_ops import audit_chain, services
+from migrations_ops import audit_chain, audit_witness, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent
 from tests.factories import UserFactory
@@ -21,13 +22,27 @@ def record(action: str = "target.changed", **details) -> AuditEvent:
     return services.record_audit_event(Actor.shell_operator(), action, details=details)
 
 
-def verify() -> tuple[str, str]:
+def commit() -> None:
+    """The test's transaction never commits: run what its commit would have by now (the
+    audit witness's writes), as before an operator runs the command."""
+    pending = list(connection.run_on_commit)
+    connection.run_on_commit.clear()
+    for _savepoints, callback, _robust in pending:
+        callback()
+
+
+def witnessed_at() -> str:
+    return audit_witness.read().written_at
+
+
+def verify(*options: str) -> tuple[str, str]:
     """``ops audit-verify``: (stdout, stderr + the error line) as the operator sees them."""
     from io import StringIO
 
+    commit()
     out, err = StringIO(), StringIO()
     try:
-        call_command("ops", "audit-verify", stdout=out, stderr=err)
+        call_command("ops", "audit-verify", *options, stdout=out, stderr=err)
     except CommandError as error:
         return out.getvalue(), err.getvalue() + f"{error}\n"
     return out.getvalue(), err.getvalue()
@@ -49,7 +64,9 @@ def test_an_untouched_trail_verifies_and_its_last_hash_is_printed():
     out, err = verify()
 
     assert err == ""
-    assert out.strip() == f"audit chain intact: 3 events, last #{events[-1].pk} {events[-1].hash}"
+    assert out.splitlines()[0] == (
+        f"audit chain intact: 3 events, last #{events[-1].pk} {events[-1].hash}"
+    )
     assert events[0].previous_hash == ""
     assert events[1].previous_hash == events[0].hash
     assert events[2].previous_hash == events[1].hash
@@ -237,7 +254,18 @@ def test_the_migration_chains_the_events_written_before_the_chain():
     with connection.schema_editor() as editor:
         migration.chain_existing_events(apps, editor)
 
-    assert verify()[0].startswith("audit chain intact: 5 events")
+    # Upgraded: the chain verifies, but no witness has seen it yet.
+    _, err = verify()
+    assert err.splitlines()[0].startswith("no audit witness at ")
+    out, err = verify("--start-witness")
+    last = AuditEvent.objects.order_by("-id").first()
+    assert err == ""
+    assert out.splitlines()[:3] == [
+        f"audit witness started at #{last.pk}",
+        f"audit chain intact: 5 events, last #{last.pk} {last.hash}",
+        f"it passes through #{last.pk}, witnessed {witnessed_at()} in "
+        f"{settings.AUDIT_WITNESS_PATH}",
+    ]
 
 
 @pytest.mark.django_db(transaction=True)

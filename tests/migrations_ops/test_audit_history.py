@@ -60,7 +60,7 @@ def test_a_login_and_a_logout_are_recorded_with_address_and_request_id(client):
     client.post("/admin/logout/", REMOTE_ADDR="203.0.113.10", HTTP_X_REQUEST_ID="logout-1")
 
     assert response.status_code == 302
-    events = list(AuditEvent.objects.order_by("id"))
+    events = list(AuditEvent.objects.filter(action__startswith="user.log").order_by("id"))
     assert [(e.action, e.actor_name, e.door, e.ip, e.request_id) for e in events] == [
         ("user.logged_in", "alice", "admin", "203.0.113.10", "login-1"),
         ("user.logged_out", "alice", "admin", "203.0.113.10", "logout-1"),
@@ -77,7 +77,7 @@ def test_a_failed_login_records_the_name_tried_and_never_the_password(client):
         HTTP_X_REQUEST_ID="try-1",
     )
 
-    event = AuditEvent.objects.get()
+    event = AuditEvent.objects.get(action__startswith="user.log")
     assert (event.action, event.actor_name, event.ip, event.request_id) == (
         "user.login_failed",
         "alice",
@@ -85,7 +85,7 @@ def test_a_failed_login_records_the_name_tried_and_never_the_password(client):
         "try-1",
     )
     assert event.actor_id is None
-    stored = str(AuditEvent.objects.values().get())
+    stored = str(list(AuditEvent.objects.values()))
     assert "Tr0ub4dor" not in stored
 
 

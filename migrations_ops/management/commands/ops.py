@@ -20,12 +20,13 @@ from django.core.management.base import BaseCommand, CommandError
 from incidents import selectors as incident_selectors
 from incidents import services as incident_services
 from incidents.models import Drill, DrillKind, DrillRunStatus, Incident
-from migrations_ops import flag_client, selectors, services
+from migrations_ops import audit_witness, flag_client, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.demo import load_demo
 from migrations_ops.engine import CONVENTIONS
 from migrations_ops.fields import SecretKeyError
-from migrations_ops.models import Environment, Operation, OperationStatus
+from migrations_ops.models import AuditEvent, Environment, Operation, OperationStatus
+from migrations_ops.refusals import record_refusal
 
 WAIT_POLL_SECONDS = 0.2
 
@@ -151,10 +152,16 @@ class Command(BaseCommand):
             "workers",
             help="the workers last heard from; exit 1 when none of the task queue is alive",
         )
-        commands.add_parser(
+        audit_verify = commands.add_parser(
             "audit-verify",
             help="walk the audit trail's hash chain: name the first event altered, inserted or "
-            "removed",
+            "removed; compare its end with the witness kept outside the database",
+        )
+        audit_verify.add_argument(
+            "--start-witness",
+            action="store_true",
+            help="where there is no witness yet (a console upgraded to it), start one at the "
+            "chain's end once the chain verifies",
         )
         commands.add_parser("demo", help="load the demo targets and admin user")
         drill = commands.add_parser(
@@ -248,7 +255,11 @@ class Command(BaseCommand):
         handler = getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")
         try:
             return handler(actor, options)
-        except (services.ServiceError, SecretKeyError) as error:
+        except services.ServiceError as error:
+            # A refusal is on the audit trail, after the refused work was rolled back.
+            record_refusal(actor, f"cli.{options['subcommand']}", error)
+            raise CommandError(str(error)) from None
+        except SecretKeyError as error:
             # A key missing from TARGET_SECRET_KEY is one line too, not a traceback.
             raise CommandError(str(error)) from None
         except AwaitingApproval as waiting:
@@ -567,7 +578,7 @@ class Command(BaseCommand):
 
     def _token_list(self, actor, options):
         if not actor.has_perm("migrations_ops.view_apitoken"):
-            raise CommandError(f"{actor.name} is not allowed to list API tokens")
+            raise services.PermissionDenied(f"{actor.name} is not allowed to list API tokens")
         for token in selectors.api_tokens():
             targets = ",".join(target.name for target in token.targets.all())
             used = f"{token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never"
@@ -615,8 +626,12 @@ class Command(BaseCommand):
 
     def handle_audit_verify(self, actor, options):
         if not actor.has_perm("migrations_ops.view_auditevent"):
-            raise CommandError(f"{actor.name} is not allowed to view the audit trail")
+            raise services.PermissionDenied(f"{actor.name} is not allowed to view the audit trail")
         report, problems = selectors.verify_audit_chain()
+        if options["start_witness"] and [p.kind for p in problems] == ["unwitnessed"]:
+            witnessed = audit_witness.start(AuditEvent)
+            self.stdout.write(f"audit witness started at #{witnessed.last_id}")
+            report, problems = selectors.verify_audit_chain()
         events = f"{report.count} event{'s' if report.count != 1 else ''}"
         if problems:
             for problem in problems:
@@ -628,6 +643,11 @@ class Command(BaseCommand):
             )
         last = f", last #{report.last_id} {report.last_hash}" if report.count else ""
         self.stdout.write(f"audit chain intact: {events}{last}")
+        if report.witnessed is not None:
+            self.stdout.write(
+                f"it passes through #{report.witnessed.last_id}, witnessed "
+                f"{report.witnessed.written_at} in {audit_witness.witness_path()}"
+            )
 
     def handle_rotate_secrets(self, actor, options):
         count = services.rotate_target_secrets(actor=actor)

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("migrations_ops", "0012_encrypt_connection_urls"),
+        ("migrations_ops", "0013_audit_events_refuse_truncate"),
     ]
 
     operations = [
