@@ -113,6 +113,7 @@ def start_worker(own_queue, settings, tmp_path):
                     redis_url=settings.CELERY_BROKER_URL,
                     queue=own_queue,
                     log_path=log_path,
+                    witness_path=settings.AUDIT_WITNESS_PATH,
                 )
             )
             return process, log_path
@@ -124,7 +125,8 @@ def start_worker(own_queue, settings, tmp_path):
 def start_beat(own_queue, settings, tmp_path):
     """``start_beat()`` starts a real ``celery beat`` process on the test database, every
     schedule entry due each second, its tasks sent to this test's own queue (no worker there
-    unless the test starts one). Yields its log's path."""
+    unless the test starts one), its audit events witnessed where this test's are. Yields its
+    log's path."""
     from tests.worker import celery_beat, database_url
 
     with contextlib.ExitStack() as stack:
@@ -138,6 +140,7 @@ def start_beat(own_queue, settings, tmp_path):
                     redis_url=settings.CELERY_BROKER_URL,
                     queue=own_queue,
                     log_path=log_path,
+                    witness_path=settings.AUDIT_WITNESS_PATH,
                 )
             )
             started.append(log_path)

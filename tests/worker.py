@@ -20,10 +20,10 @@ def database_url(db: dict) -> str:
 
 
 def console_env(
-    *, database_url: str, redis_url: str, queue: str, log_path: Path, **more: str
+    *, database_url: str, redis_url: str, queue: str, witness_path: Path, **more: str
 ) -> dict:
-    """The environment of a worker or beat process on the test database and Redis; its audit
-    witness beside its log (not the checkout's data/ folder)."""
+    """The environment of a worker or beat process on the test database and Redis, with its
+    audit witness (not the checkout's data/ folder)."""
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "opsconsole.settings",
@@ -32,7 +32,7 @@ def console_env(
         "CELERY_QUEUE": queue,
         "CELERY_TASK_ALWAYS_EAGER": "false",
         "TARGET_CONNECT_TIMEOUT": "3",
-        "AUDIT_WITNESS_PATH": str(log_path.parent / "audit-witness.json"),
+        "AUDIT_WITNESS_PATH": str(witness_path),
         **more,
     }
 
@@ -64,7 +64,7 @@ def celery_worker(
         database_url=database_url,
         redis_url=redis_url,
         queue=queue,
-        log_path=log_path,
+        witness_path=log_path.parent / "audit-witness.json",
         WORKER_HEARTBEAT_SECONDS="1",
     )
     with open(log_path, "w") as log:
@@ -101,14 +101,22 @@ def celery_worker(
 
 
 @contextlib.contextmanager
-def celery_beat(*, database_url: str, redis_url: str, queue: str, log_path: Path, every: int = 1):
+def celery_beat(
+    *,
+    database_url: str,
+    redis_url: str,
+    queue: str,
+    log_path: Path,
+    witness_path: Path,
+    every: int = 1,
+):
     """Start ``celery beat`` as deployed (its scheduler from the settings), every schedule
     entry due each ``every`` seconds, and yield once it has started; stop it afterwards."""
     env = console_env(
         database_url=database_url,
         redis_url=redis_url,
         queue=queue,
-        log_path=log_path,
+        witness_path=witness_path,
         OPERATION_SWEEP_INTERVAL=str(every),
         LOCK_OBSERVE_INTERVAL=str(every),
     )
