@@ -122,19 +122,37 @@ def test_a_nul_in_a_decision_reason_is_a_json_400(client, orders, decision):
     assert operation.status == OperationStatus.AWAITING_APPROVAL
 
 
-def test_text_that_is_not_utf8_on_the_command_line_is_a_one_line_error(orders):
-    """A command-line argument that is not UTF-8 reaches Python as lone surrogates."""
-    not_utf8 = b"crashed \xff deploy".decode("utf-8", "surrogateescape")
+NOT_UTF8 = b"crashed \xff deploy".decode("utf-8", "surrogateescape")
 
-    with pytest.raises(CommandError, match="holds a NUL character or text that is not UTF-8"):
-        call_command(
-            "ops",
-            "unlock",
-            "--target",
-            "orders",
-            "--reason",
-            not_utf8,
-            stdout=io.StringIO(),
-            stderr=io.StringIO(),
-        )
+
+@pytest.mark.parametrize(
+    ("arguments", "option"),
+    [
+        (["unlock", "--target", "orders", "--reason", NOT_UTF8], "--reason"),
+        (["unlock", "--target", NOT_UTF8, "--reason", "x"], "--target"),
+        (
+            [
+                *("register", "--name", NOT_UTF8, "--url", "sqlite:///x.db"),
+                *("--convention", "runbook", "--environment", "staging"),
+            ],
+            "--name",
+        ),
+        (["--as", NOT_UTF8, "status"], "--as"),
+    ],
+)
+def test_text_that_is_not_utf8_on_the_command_line_is_a_one_line_error(orders, arguments, option):
+    """A command-line argument that is not UTF-8 reaches Python as lone surrogates."""
+    with pytest.raises(CommandError) as refused:
+        call_command("ops", *arguments, stdout=io.StringIO(), stderr=io.StringIO())
+    assert str(refused.value) == (
+        f"{option} holds a NUL character or text that is not UTF-8: retype it"
+    )
+    assert not Operation.objects.exists()
+
+
+def test_a_service_refuses_a_reason_no_database_can_store(orders):
+    on_call = Actor.for_user(UserFactory(username="u", permissions=ON_CALL_PERMISSIONS), Door.API)
+    for reason in ("a\x00b", NOT_UTF8):
+        with pytest.raises(services.InvalidRequest, match="holds a NUL character or text"):
+            services.request_force_unlock(actor=on_call, target=orders, reason=reason)
     assert not Operation.objects.exists()
