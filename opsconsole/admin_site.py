@@ -7,7 +7,7 @@ from functools import wraps
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import ObjectDoesNotExist
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.http import Http404, HttpResponseRedirect
 from django.urls import path
 from django_otp import devices_for_user
@@ -84,13 +84,34 @@ def impossible_date_parts(query) -> list[str]:
     return found
 
 
+def impossible_selection(model_admin, post) -> str | None:
+    """The first id an admin action was posted for (``_selected_action``) that is no id the
+    model can have (``abc`` for a number): Django's action would fail in its query."""
+    if not isinstance(model_admin, admin.ModelAdmin) or "_selected_action" not in post:
+        return None
+    for value in post.getlist("_selected_action"):
+        try:
+            model_admin.model._meta.pk.to_python(value)
+        except ValidationError:
+            return value
+    return None
+
+
 def refusing_hostile_input(view):
     """An admin page asked for a date no calendar holds: back to the same page without that
-    filter, saying so, instead of a failing query. An object that does not exist is a 404,
-    also in views of other apps that look it up with ``.get()`` (django-otp's device pages)."""
+    filter, saying so, instead of a failing query. An action posted for an id no row can have:
+    nothing done, saying so. An object that does not exist is a 404, also in views of other
+    apps that look it up with ``.get()`` (django-otp's device pages)."""
 
     @wraps(view)
     def wrapper(request, *args, **kwargs):
+        if request.method == "POST":
+            selected = impossible_selection(getattr(view, "__self__", None), request.POST)
+            if selected is not None:
+                messages.error(
+                    request, f"Nothing done: {selected[:20]!r} is not the id of any row here."
+                )
+                return HttpResponseRedirect(request.get_full_path())
         found = impossible_date_parts(request.GET)
         if not found or request.method != "GET":
             try:

@@ -83,14 +83,19 @@ def query_string(query: dict[str, str]) -> str:
     )
 
 
-def status_of(client, url: str) -> int:
+def status_of(client, url: str, post: dict | None = None) -> int:
     """In a savepoint of its own: a database error in one request must not poison the next
     (each real request has its own connection state)."""
     savepoint = transaction.savepoint()
     try:
-        return client.get(url).status_code
+        return (client.post(url, post) if post is not None else client.get(url)).status_code
     finally:
         transaction.savepoint_rollback(savepoint)
+
+
+def action_names(model_admin) -> list[str]:
+    names = [name if isinstance(name, str) else name.__name__ for name in model_admin.actions or []]
+    return [*names, "delete_selected"]
 
 
 HOSTILE_IDS = ["%00", "abc", "99999999999999999999", "-1", "1%00", "%ED%A0%80"]
@@ -111,8 +116,9 @@ PAGE_QUERIES = [
 
 
 def test_no_admin_page_answers_500_to_hostile_input(roles, pg_target, sqlite_target, tmp_path):
-    """Every changelist with hostile filters and ids; then every admin URL pattern (reports,
-    exports, custom views) with hostile query strings and an id no bigint holds."""
+    """Every changelist with hostile filters, ids and actions posted for ids no row can have;
+    then every admin URL pattern (reports, exports, custom views) with hostile query strings
+    and an id no bigint holds."""
     console = build_console(pg_target, sqlite_target, tmp_path)
     client = logged_in(console.users["superuser"])
     client.raise_request_exception = False
@@ -125,6 +131,12 @@ def test_no_admin_page_answers_500_to_hostile_input(roles, pg_target, sqlite_tar
             status = status_of(client, url)
             if status >= 500:
                 failures.append(f"{status} {url}")
+        for action in action_names(model_admin):
+            for selected in ("abc", "\x00", "1.5"):
+                post = {"action": action, "_selected_action": selected, "index": "0"}
+                status = status_of(client, changelist, post)
+                if status >= 500:
+                    failures.append(f"{status} POST {changelist} {post!r}")
         for object_id in HOSTILE_IDS:
             for suffix in ("change/", "history/", "delete/"):
                 url = f"{changelist}{object_id}/{suffix}"
@@ -168,3 +180,22 @@ def test_a_date_no_calendar_holds_is_dropped_with_a_message(roles, query, kept):
     [message] = get_messages(response.wsgi_request)
     assert "no such date on the calendar" in str(message)
     assert client.get(response["Location"]).status_code == 200
+
+
+def test_an_action_posted_for_an_id_no_row_can_have_does_nothing_and_says_so(roles):
+    from django.contrib.messages import get_messages
+
+    from migrations_ops.models import ApiToken
+    from tests.factories import UserFactory
+
+    client = logged_in(UserFactory(username="root", is_superuser=True))
+    changelist = reverse("admin:migrations_ops_apitoken_changelist")
+
+    response = client.post(
+        changelist, {"action": "revoke", "_selected_action": "abc", "index": "0"}
+    )
+
+    assert response.status_code == 302 and response["Location"] == changelist
+    [message] = get_messages(response.wsgi_request)
+    assert str(message) == "Nothing done: 'abc' is not the id of any row here."
+    assert not ApiToken.objects.exists()
