@@ -1,4 +1,5 @@
-"""Where a request came from, for the audit trail: a request id and the client's address.
+"""Where a request came from, for the audit trail: a request id and the client's address;
+and the refusal of addresses no view could serve (``HostileInputMiddleware``).
 
 ``RequestContextMiddleware`` keeps both in a context variable for the length of the request;
 ``migrations_ops.services.record_audit_event`` reads it, so every event written while serving
@@ -119,9 +120,9 @@ NUL_REFUSED = (
 
 
 def refusal(request, status: int, code: str, message: str) -> HttpResponse:
-    """A refusal where the user is: the API's JSON error shape under /api/, a short page
-    elsewhere (the admin's)."""
-    if request.path_info.startswith("/api/"):
+    """A refusal where the user is: the API's JSON error shape under /api/ (and /metrics, which
+    the API's document describes), a short page elsewhere (the admin's)."""
+    if request.path_info.startswith(("/api/", "/metrics")):
         return JsonResponse({"error": {"code": code, "message": message}}, status=status)
     return HttpResponse(
         f"<!doctype html><title>Bad request</title><h1>Bad request ({status})</h1>"

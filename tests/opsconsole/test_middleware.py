@@ -132,7 +132,8 @@ def test_a_nul_in_an_admin_address_is_a_400_page_saying_why(superuser_client, ur
 
 
 @pytest.mark.parametrize(
-    "url", ["/api/migrations/status?target=%00", "/api/targets/a%00b/flags", "/api/%00"]
+    "url",
+    ["/api/migrations/status?target=%00", "/api/targets/a%00b/flags", "/api/%00", "/metrics?%00"],
 )
 def test_a_nul_in_an_api_address_is_a_json_400(client, url):
     response = client.get(url)
