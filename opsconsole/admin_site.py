@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import wraps
 
 from django import forms
@@ -66,6 +67,8 @@ DATE_PART_RANGES = {
     "second": (0, 59),
 }
 
+SHORT_INTEGER = re.compile(r"-?[0-9]{1,6}")
+
 
 def impossible_date_parts(query) -> list[str]:
     """The ``field__<part>=value`` parameters of ``query`` whose value no calendar holds, as
@@ -77,9 +80,7 @@ def impossible_date_parts(query) -> list[str]:
             continue
         for value in values:
             number = value.strip()
-            if not (number.lstrip("-").isdigit() and len(number) <= 6) or not (
-                bounds[0] <= int(number) <= bounds[1]
-            ):
+            if not SHORT_INTEGER.fullmatch(number) or not bounds[0] <= int(number) <= bounds[1]:
                 found.append(f"{name}={value[:20]}")
     return found
 
@@ -112,19 +113,19 @@ def refusing_hostile_input(view):
                     request, f"Nothing done: {selected[:20]!r} is not the id of any row here."
                 )
                 return HttpResponseRedirect(request.get_full_path())
-        found = impossible_date_parts(request.GET)
-        if not found or request.method != "GET":
-            try:
-                return view(request, *args, **kwargs)
-            except ObjectDoesNotExist:
-                raise Http404("no such object") from None
-        query = request.GET.copy()
-        for item in found:
-            query.pop(item.partition("=")[0], None)
-        messages.error(
-            request, f"Ignored the date filter {', '.join(found)}: no such date on the calendar."
-        )
-        return HttpResponseRedirect(f"{request.path}?{query.urlencode()}".rstrip("?"))
+        elif found := impossible_date_parts(request.GET):
+            query = request.GET.copy()
+            for item in found:
+                query.pop(item.partition("=")[0], None)
+            messages.error(
+                request,
+                f"Ignored the date filter {', '.join(found)}: no such date on the calendar.",
+            )
+            return HttpResponseRedirect(f"{request.path}?{query.urlencode()}".rstrip("?"))
+        try:
+            return view(request, *args, **kwargs)
+        except ObjectDoesNotExist:
+            raise Http404("no such object") from None
 
     return wrapper
 
