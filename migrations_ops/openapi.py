@@ -26,7 +26,8 @@ COMMON_ERRORS = {
         "Refused input (code invalid_request): a NUL character in the address, or a request "
         "the console refuses, such as no reason. A body that is not one JSON object, nests "
         "deeper than 8 levels or holds a NUL or a lone surrogate in a string (invalid_json), "
-        "or is over DATA_UPLOAD_MAX_MEMORY_SIZE (body_too_large)."
+        "or is over DATA_UPLOAD_MAX_MEMORY_SIZE (body_too_large). Any other request Django "
+        "refuses as malformed (bad_request)."
     ),
     "401": _error(
         "No credentials, a malformed Authorization header, or an unknown or revoked "
