@@ -1,5 +1,6 @@
-"""Every admin changelist and object page, as a superuser, with hostile query strings and ids:
-NUL characters, years no calendar holds, non-numeric ids, unknown fields. None may answer 500."""
+"""The admin site against hostile input: every admin changelist and object page, as a
+superuser, with NUL characters, years no calendar holds, non-numeric ids, unknown fields and
+actions for ids no row can have. None may answer 500."""
 
 from __future__ import annotations
 
