@@ -4,6 +4,7 @@ with no clock read and no query, so the same incident always gives the same byte
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 from incidents.models import (
@@ -27,6 +28,15 @@ TIMESTAMP_ROWS = [
     ("Recovered", "recovered"),
 ]
 NOT_WRITTEN = "_Not written._"
+
+# What people typed stays Markdown (emphasis, lists, http links) but can carry no HTML and no
+# link a viewer would run: wherever the file is shown (a wiki, a code host, an editor's
+# preview), raw HTML and a `javascript:` link would be live.
+# A "<" that could open a tag, a comment or an autolink is written as an entity (shown as "<").
+HTML_OPENER = re.compile(r"<(?=[A-Za-z/!?])")
+# A link or image, inline ``[text](dest)`` or defined ``[label]: dest``, whose destination is
+# not http(s) or mailto loses its link syntax: its "]" is written as an entity (shown as "]").
+UNSAFE_LINK = re.compile(r"\](?=[(:]\s*+(?!<?(?:https?://|mailto:)))", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,14 @@ def duration(value: dt.timedelta | None) -> str:
     )
 
 
+def inert(text: str) -> str:
+    """``text`` as Markdown that renders no HTML and links only to http(s) and mailto."""
+    return HTML_OPENER.sub("&lt;", UNSAFE_LINK.sub("&#93;", text))
+
+
 def cell(value) -> str:
-    """One Markdown table cell: pipes escaped, line breaks kept as <br>."""
-    text = str(value if value not in (None, "") else "-").strip()
+    """One Markdown table cell: inert, pipes escaped, line breaks kept as <br>."""
+    text = inert(str(value if value not in (None, "") else "-").strip())
     text = text.replace("\\", "\\\\").replace("|", "\\|")
     return "<br>".join(line.strip() for line in text.splitlines()) or "-"
 
@@ -70,7 +85,7 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def prose(text: str) -> str:
-    return text.strip() or NOT_WRITTEN
+    return inert(text.strip()) or NOT_WRITTEN
 
 
 def section(title: str, body: str | list[str]) -> list[str]:
@@ -80,16 +95,16 @@ def section(title: str, body: str | list[str]) -> list[str]:
 
 def render_postmortem(data: PostmortemData) -> str:
     incident = data.incident
-    lines = [f"# Post-mortem: incident #{incident.pk} — {incident.title}", ""]
+    lines = [f"# Post-mortem: incident #{incident.pk} — {inert(incident.title)}", ""]
     lines += [
         f"- **Scenario:** {incident.get_scenario_display()}",
         f"- **Severity:** {incident.get_severity_display()}",
         f"- **Status:** {incident.get_status_display()}",
-        f"- **Commander:** {incident.commander_name or '-'}",
-        f"- **Affected targets:** {', '.join(data.targets) or '-'}",
-        f"- **Culprit migration:** {incident.culprit_migration or 'unknown'}",
+        f"- **Commander:** {inert(incident.commander_name) or '-'}",
+        f"- **Affected targets:** {inert(', '.join(data.targets)) or '-'}",
+        f"- **Culprit migration:** {inert(incident.culprit_migration) or 'unknown'}",
         f"- **Escalation:** {EscalationLevel(incident.escalation_level).label}",
-        f"- **Opened:** {utc(incident.opened_at)} by {incident.opened_by}",
+        f"- **Opened:** {utc(incident.opened_at)} by {inert(incident.opened_by)}",
         f"- **Closed:** {utc(incident.closed_at)}",
         "",
     ]
@@ -197,9 +212,9 @@ def render_postmortem(data: PostmortemData) -> str:
         addenda = []
         for addendum in data.addenda:
             addenda += [
-                f"### {utc(addendum.added_at)}, {addendum.added_by}",
+                f"### {utc(addendum.added_at)}, {inert(addendum.added_by)}",
                 "",
-                addendum.text.strip(),
+                inert(addendum.text.strip()),
                 "",
             ]
         lines += section("Addenda", addenda[:-1])

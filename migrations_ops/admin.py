@@ -8,6 +8,7 @@ from axes.admin import AccessAttemptAdmin
 from axes.models import AccessAttempt
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
@@ -288,7 +289,10 @@ class OperationAdmin(LargeTableAdminMixin, ReadOnlyAdmin):
         return pretty_json(obj.params)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        operation = get_object_or_404(Operation, pk=object_id)
+        # As Django's own change view: an id that is no operation's (or no number) is a message.
+        operation = self.get_object(request, unquote(object_id))
+        if operation is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
         extra_context = {
             **(extra_context or {}),
             # Not while awaiting approval: a reload would wipe the approver's half-typed reason.

@@ -7,6 +7,7 @@ import json
 from functools import wraps
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, HttpResponseNotModified, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -17,6 +18,7 @@ from migrations_ops import openapi, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.models import Door, Target
 from opsconsole.security import otp_required_for
+from opsconsole.views import body_too_large_message
 
 # How each refusal from the services reads over HTTP; anything else is a state conflict.
 ERROR_STATUS = [
@@ -58,17 +60,59 @@ def allow(method: str):
     return decorator
 
 
+# Every body this API takes is one flat object; a few levels leave room, thousands would
+# exhaust the parser's recursion.
+MAX_JSON_DEPTH = 8
+TOO_DEEP = f"the request body is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+class InvalidJson(ValueError):
+    pass
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """The body as one JSON object, refusing (InvalidJson, one line) anything no view could
+    store or walk: not JSON, not an object, nested deeper than MAX_JSON_DEPTH, or a string
+    holding a NUL or a lone surrogate."""
+    try:
+        body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise InvalidJson(TOO_DEEP) from None
+    except ValueError:
+        raise InvalidJson("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidJson("the request body must be a JSON object")
+    pending = [(body, 1, "")]  # no recursion: the value, its depth, where it sits
+    while pending:
+        value, depth, where = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidJson(TOO_DEEP)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            place = f"{where}.{key}" if where else str(key)
+            for text in (key, item):
+                if isinstance(text, str) and services.UNSTORABLE_TEXT.search(text):
+                    raise InvalidJson(
+                        f"{place[:60]!r} holds a NUL character or a lone surrogate "
+                        "(such as \\u0000 or \\ud800), which the console cannot store"
+                    )
+            if isinstance(item, dict | list):
+                pending.append((item, depth + 1, place))
+    return body
+
+
 def json_object_body(view):
-    """Parse the request body as one JSON object, passed to the view as ``body``."""
+    """Parse the request body as one JSON object (``parse_json_object``), passed to the view
+    as ``body``; a JSON 400 otherwise, a body over DATA_UPLOAD_MAX_MEMORY_SIZE included."""
 
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         try:
-            body = json.loads(request.body or b"{}")
-        except ValueError:
-            return json_error(400, "invalid_json", "the request body is not valid JSON")
-        if not isinstance(body, dict):
-            return json_error(400, "invalid_json", "the request body must be a JSON object")
+            body = parse_json_object(request.body)
+        except RequestDataTooBig:
+            return json_error(400, "body_too_large", body_too_large_message())
+        except InvalidJson as error:
+            return json_error(400, "invalid_json", str(error))
         return view(request, *args, body=body, **kwargs)
 
     return wrapper

@@ -39,6 +39,9 @@ EXACT_COUNT_LIMIT = 2_000
 DEFERRED_JOIN_OFFSET = 1_000
 # A column with more distinct values than this is searched by exact value instead.
 DISTINCT_VALUES_LIMIT = 1_000
+# No table here holds 10^12 rows; a page past that is no page, and its OFFSET could overflow
+# the database's bigint.
+MAX_ROW_OFFSET = 10**12
 
 
 # --- counting ------------------------------------------------------------------------------------
@@ -115,11 +118,16 @@ class LargeTablePaginator(Paginator):
 
     def validate_number(self, number):
         try:
-            return super().validate_number(number)
+            number = super().validate_number(number)
         except EmptyPage:
-            if self.approximate and int(number) > 1:
+            if self.approximate and 1 < int(number) <= self.last_possible_page:
                 return int(number)
             raise
+        return number
+
+    @property
+    def last_possible_page(self) -> int:
+        return MAX_ROW_OFFSET // self.per_page
 
     def page(self, number):
         if not self._fast():
@@ -321,6 +329,8 @@ class LargeTableAdminMixin:
             paginator.requested_page = int(request.GET.get(PAGE_VAR, 1))
         except ValueError:
             paginator.requested_page = 1
+        if paginator.requested_page > paginator.last_possible_page:
+            paginator.requested_page = 1  # the changelist then refuses the page itself
         return paginator
 
     def get_search_results(self, request, queryset, search_term):

@@ -254,7 +254,7 @@ class MigrationScript(models.Model):
     with its checksum so the console knows exactly which SQL it ran."""
 
     target = models.ForeignKey(Target, on_delete=models.CASCADE, related_name="scripts")
-    version = models.CharField(max_length=40)
+    version = models.CharField(max_length=engine.MAX_VERSION_DIGITS)  # what the engine reads
     name = models.CharField(max_length=255)
     filename = models.CharField(max_length=255)
     layout = models.CharField(max_length=10)

@@ -22,6 +22,13 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 COMMON_ERRORS = {
+    "400": _error(
+        "Refused input (code invalid_request): a NUL character in the address, or a request "
+        "the console refuses, such as no reason. A body that is not one JSON object, nests "
+        "deeper than 8 levels or holds a NUL or a lone surrogate in a string (invalid_json), "
+        "or is over DATA_UPLOAD_MAX_MEMORY_SIZE (body_too_large). Any other request Django "
+        "refuses as malformed (bad_request)."
+    ),
     "401": _error(
         "No credentials, a malformed Authorization header, or an unknown or revoked "
         "token (codes not_authenticated, invalid_token)."
@@ -348,7 +355,6 @@ def document() -> dict[str, Any]:
                                 },
                             },
                         ),
-                        "400": _error("Invalid request or body (invalid_request, invalid_json)."),
                         "404": _error("Unknown target or incident."),
                         "409": _error("Refused in the target's present state (code conflict)."),
                         "503": _error("The target cannot be read (code target_unavailable)."),
@@ -379,7 +385,6 @@ def document() -> dict[str, Any]:
                         "requestBody": REASON_BODY,
                         "responses": {
                             "200": _json("The operation, decided.", OPERATION_ANSWER),
-                            "400": _error("Invalid request or body."),
                             "404": _error("No such operation (code unknown_operation)."),
                             "409": _error("Not awaiting approval, or your own request."),
                             **COMMON_ERRORS,

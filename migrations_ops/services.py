@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -684,7 +685,7 @@ def approve_operation(*, actor: Actor, operation: Operation, reason: str = "") -
         approved_by=actor.user,
         approved_by_name=actor.name,
         decided_at=now,
-        decision_reason=(reason or "").strip(),
+        decision_reason=_storable((reason or "").strip(), "reason"),
     )
 
 
@@ -1479,8 +1480,21 @@ def _script_rows(
 
 
 # --- migration operations ----------------------------------------------------------------------
+# What PostgreSQL text cannot hold: NUL, and a UTF-16 surrogate standing alone (JSON's
+# "\ud800", or a command-line argument that was not UTF-8).
+UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str, what: str) -> str:
+    if UNSTORABLE_TEXT.search(text):
+        raise InvalidRequest(
+            f"the {what} holds a NUL character or text that is not UTF-8, which cannot be stored"
+        )
+    return text
+
+
 def _require_reason(reason: str, what: str) -> str:
-    reason = (reason or "").strip()
+    reason = _storable((reason or "").strip(), "reason")
     if not reason:
         raise InvalidRequest(f"a reason is required to {what}")
     return reason

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from functools import wraps
+
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.http import Http404, HttpResponseRedirect
 from django.urls import path
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm
@@ -45,6 +50,86 @@ class OptionalOTPAuthenticationForm(OTPAdminAuthenticationForm):
         return device
 
 
+# Date-part lookups a changelist accepts from its query string (``created_at__year=2026``, the
+# date drill-down's links), with the values a calendar holds. Years stop at 9998: the drill-down
+# reads up to the next year, month or day, and no datetime follows 9999-12-31.
+DATE_PART_RANGES = {
+    "year": (1, 9998),
+    "iso_year": (1, 9998),
+    "quarter": (1, 4),
+    "month": (1, 12),
+    "week": (1, 53),
+    "day": (1, 31),
+    "week_day": (1, 7),
+    "iso_week_day": (1, 7),
+    "hour": (0, 23),
+    "minute": (0, 59),
+    "second": (0, 59),
+}
+
+SHORT_INTEGER = re.compile(r"-?[0-9]{1,6}")
+
+
+def impossible_date_parts(query) -> list[str]:
+    """The ``field__<part>=value`` parameters of ``query`` whose value no calendar holds, as
+    ``name=value``: the ORM would fail on them only while building the SQL."""
+    found = []
+    for name, values in query.lists():
+        bounds = DATE_PART_RANGES.get(name.rpartition("__")[2]) if "__" in name else None
+        if bounds is None:
+            continue
+        for value in values:
+            number = value.strip()
+            if not SHORT_INTEGER.fullmatch(number) or not bounds[0] <= int(number) <= bounds[1]:
+                found.append(f"{name}={value[:20]}")
+    return found
+
+
+def impossible_selection(model_admin, post) -> str | None:
+    """The first id an admin action was posted for (``_selected_action``) that is no id the
+    model can have (``abc`` for a number): Django's action would fail in its query."""
+    if not isinstance(model_admin, admin.ModelAdmin) or "_selected_action" not in post:
+        return None
+    for value in post.getlist("_selected_action"):
+        try:
+            model_admin.model._meta.pk.to_python(value)
+        except ValidationError:
+            return value
+    return None
+
+
+def refusing_hostile_input(view):
+    """An admin page asked for a date no calendar holds: back to the same page without that
+    filter, saying so, instead of a failing query. An action posted for an id no row can have:
+    nothing done, saying so. An object that does not exist is a 404, also in views of other
+    apps that look it up with ``.get()`` (django-otp's device pages)."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if request.method == "POST":
+            selected = impossible_selection(getattr(view, "__self__", None), request.POST)
+            if selected is not None:
+                messages.error(
+                    request, f"Nothing done: {selected[:20]!r} is not the id of any row here."
+                )
+                return HttpResponseRedirect(request.get_full_path())
+        elif found := impossible_date_parts(request.GET):
+            query = request.GET.copy()
+            for item in found:
+                query.pop(item.partition("=")[0], None)
+            messages.error(
+                request,
+                f"Ignored the date filter {', '.join(found)}: no such date on the calendar.",
+            )
+            return HttpResponseRedirect(f"{request.path}?{query.urlencode()}".rstrip("?"))
+        try:
+            return view(request, *args, **kwargs)
+        except ObjectDoesNotExist:
+            raise Http404("no such object") from None
+
+    return wrapper
+
+
 class OpsAdminSite(admin.AdminSite):
     """``admin.site`` (``opsconsole.apps.OpsAdminConfig``). The index shows, above the usual app
     list, every target's health (``selectors.fleet_overview``) to whoever may view targets,
@@ -66,6 +151,10 @@ class OpsAdminSite(admin.AdminSite):
         return super().has_permission(request) and (
             not otp_required_for(user) or user.is_verified()
         )
+
+    def admin_view(self, view, cacheable=False):
+        # Every admin page goes through here (ModelAdmin.get_urls wraps its views with it).
+        return super().admin_view(refusing_hostile_input(view), cacheable)
 
     def index(self, request, extra_context=None):
         fleet = self.fleet_context(request)

@@ -1,5 +1,6 @@
 """Where a request came from, for the audit trail: a request id, the client's address and,
-once authenticated, who is asking and through which door.
+once authenticated, who is asking and through which door; and the refusal of addresses no view
+could serve (``HostileInputMiddleware``).
 
 ``RequestContextMiddleware`` keeps them in a context variable for the length of the request
 (``ActingUserMiddleware`` adds the user after Django's AuthenticationMiddleware);
@@ -21,7 +22,9 @@ from typing import Any
 
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.messages.storage import default_storage
+from django.http import HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject, empty
+from django.utils.html import escape
 
 from opsconsole import security
 
@@ -143,3 +146,39 @@ class LazyMessageMiddleware(MessageMiddleware):
         if isinstance(messages, SimpleLazyObject) and messages._wrapped is empty:
             return response
         return super().process_response(request, response)
+
+
+# --- input no door can store ---------------------------------------------------------------------
+NUL_REFUSED = (
+    "the address holds a NUL character (%00), which the console cannot search for or store: "
+    "remove it"
+)
+
+
+def refusal(request, status: int, code: str, message: str) -> HttpResponse:
+    """A refusal where the user is: the API's JSON error shape under /api/ (and /metrics, which
+    the API's document describes), a short page elsewhere (the admin's)."""
+    if request.path_info.startswith(("/api/", "/metrics")):
+        return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+    return HttpResponse(
+        f"<!doctype html><title>Bad request</title><h1>Bad request ({status})</h1>"
+        f"<p>{escape(message)}</p>",
+        status=status,
+    )
+
+
+class HostileInputMiddleware:
+    """Refuses, with a 400, a request whose path or query string holds a NUL character:
+    PostgreSQL text cannot hold one, so every filter, search and object id carrying it would
+    otherwise fail deep inside a query."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if "\x00" in request.path_info or any(
+            "\x00" in name or any("\x00" in value for value in values)
+            for name, values in request.GET.lists()
+        ):
+            return refusal(request, 400, "invalid_request", NUL_REFUSED)
+        return self.get_response(request)

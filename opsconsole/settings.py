@@ -45,6 +45,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # A request id and the client's address for every audit event the request writes.
     "opsconsole.middleware.RequestContextMiddleware",
+    # A 400 for a NUL character in the path or query string, before anything reads them.
+    "opsconsole.middleware.HostileInputMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -12,4 +12,5 @@ urlpatterns = [
 ]
 
 # Errors under /api/ answer JSON (unknown URLs there: migrations_ops.urls ends in a JSON 404).
+handler400 = "opsconsole.views.bad_request"
 handler500 = "opsconsole.views.server_error"

@@ -22,6 +22,7 @@ from .runner import LockBusy, RunReport, RunSettings, StatementFailed, Step
 from .runner import mark as mark_books
 from .runner import run as run_migrations
 from .scripts import (
+    MAX_VERSION_DIGITS,
     MigrationScript,
     Statement,
     normalise,
@@ -33,6 +34,7 @@ from .target_url import dialect_of, mask_url, mask_urls_in
 
 __all__ = [
     "CONVENTIONS",
+    "MAX_VERSION_DIGITS",
     "AppliedMigration",
     "Catalog",
     "Change",

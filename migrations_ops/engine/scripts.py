@@ -26,7 +26,9 @@ from .errors import ScriptError
 
 LAYOUTS = ("dbmate", "goose", "paired")
 DOWN_SEPARATOR = "\n-- down --\n"
-MAX_VERSION_DIGITS = 64  # int() refuses very long digit strings; no real version comes close
+# The console's column holds 40 (MigrationScript.version); no real version comes close (a
+# timestamp to the microsecond has 20).
+MAX_VERSION_DIGITS = 40
 
 
 @dataclass(frozen=True)
@@ -674,11 +676,36 @@ def version_key(version: str) -> tuple[int, str]:
     return (int(version), version)
 
 
+def _refuse_link_out_of(root: Path, link: Path, display: str) -> None:
+    """A symbolic link in the folder must point to a file in the folder: one pointing outside
+    would import SQL nobody reviewing the folder sees, and a broken one a migration that
+    silently is not there."""
+    pointing_to = _shown(str(link.readlink()), 200)
+    try:
+        resolved = link.resolve(strict=True)
+    except FileNotFoundError:
+        raise _fail(
+            display, 1, f"is a broken symbolic link (to {pointing_to}, which does not exist)"
+        ) from None
+    except (RuntimeError, OSError):  # a loop (RuntimeError before Python 3.13)
+        raise _fail(
+            display, 1, f"is a symbolic link that cannot be followed (to {pointing_to})"
+        ) from None
+    if not resolved.is_relative_to(root):
+        raise _fail(
+            display,
+            1,
+            f"is a symbolic link to {pointing_to}, outside the migrations folder: "
+            "copy the file into the folder instead",
+        )
+
+
 def parse_directory(path: str | Path) -> list[MigrationScript]:
     """Every migration in a folder, sorted by version (numerically, then as text).
 
-    Files not ending in ``.sql``, hidden files and subfolders are ignored. Any error refuses
-    the whole folder: nothing is returned partially.
+    Files not ending in ``.sql``, hidden files and subfolders are ignored. A symbolic link is
+    followed only within the folder: one pointing outside it, or to nothing, is an error. Any
+    error refuses the whole folder: nothing is returned partially.
     """
     directory = Path(path)
     shown = _shown(str(path), 200)
@@ -692,7 +719,8 @@ def parse_directory(path: str | Path) -> list[MigrationScript]:
         raise ScriptError(
             f"the migrations folder {shown} cannot be read ({error.strerror})"
         ) from None
-    label = _shown(directory.resolve().name, 100)
+    root = directory.resolve()
+    label = _shown(root.name, 100)
 
     def display(filename: str) -> str:
         return f"{label}/{_shown(filename, 200)}" if label else _shown(filename, 200)
@@ -702,6 +730,8 @@ def parse_directory(path: str | Path) -> list[MigrationScript]:
         if entry.name.startswith(".") or not entry.name.endswith(".sql"):
             continue
         try:
+            if entry.is_symlink():
+                _refuse_link_out_of(root, entry, display(entry.name))
             if not entry.is_file():
                 continue
             contents[entry.name] = entry.read_bytes()

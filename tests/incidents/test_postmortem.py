@@ -2,13 +2,16 @@
 it, and nothing typed into a cell breaks its table."""
 
 import datetime as dt
+from html.parser import HTMLParser
 
 import pytest
+from django.urls import reverse
+from markdown_it import MarkdownIt
 
 from incidents import selectors, services
 from incidents.models import IncidentStatus, Scenario
-from incidents.postmortem import cell, render_postmortem
-from tests.factories import TargetFactory
+from incidents.postmortem import cell, inert, render_postmortem
+from tests.factories import TargetFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -147,3 +150,92 @@ def test_no_action_items_shows_the_reason(commander):
 )
 def test_cells_escape_what_would_break_a_table(value, expected):
     assert cell(value) == expected
+
+
+# --- what people typed renders no HTML and no link a viewer would run -----------------------------
+HOSTILE = {
+    "summary": "<script>alert(document.cookie)</script> and a [fix](https://tracker.example.com/1)",
+    "impact": '[click](javascript:alert(1)) and [too]( JavaScript:alert(2) "t")',
+    "root_cause": "![pixel](data:image/png;base64,AAAA) and <a href='javascript:x'>a</a>",
+    "went_well": "[ref]\n\n[ref]: javascript:alert(3)\n\n<!-- hidden --> <?php x ?>",
+    "went_wrong": "<https://ok.example.com> <javascript:alert(4)> mail [me](mailto:a@b.c)",
+    "prevention": "[x](<javascript:alert(5)>) [y](vbscript:z) [z](/relative)",
+}
+SAFE_SCHEMES = ("http://", "https://", "mailto:")
+
+
+class Rendered(HTMLParser):
+    """The tags and the link destinations in a rendered page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.urls = set(), []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.urls += [value or "" for name, value in attrs if name in ("href", "src")]
+        assert not [name for name, _ in attrs if name.startswith("on")], (tag, attrs)
+
+
+def as_html(markdown_text: str) -> Rendered:
+    """Rendered as a permissive viewer would: CommonMark with tables, raw HTML allowed, and no
+    check of link destinations (markdown-it-py's own check is turned off)."""
+    renderer = MarkdownIt("commonmark").enable("table")
+    renderer.validateLink = lambda url: True
+    page = Rendered()
+    page.feed(renderer.render(markdown_text))
+    return page
+
+
+def test_what_people_typed_renders_no_html_and_only_web_and_mail_links(commander, client):
+    incident = services.open_incident(
+        actor=commander,
+        title="lock <img src=x onerror=alert(1)>",
+        scenario=Scenario.OTHER,
+        severity="sev3",
+        culprit_migration="<svg onload=alert(7)>.sql",
+    )
+    for name, text in HOSTILE.items():
+        setattr(incident, name, text)
+    services.update_incident(actor=commander, incident=incident, changed=list(HOSTILE))
+    services.add_note(
+        actor=commander, incident=incident, text="<iframe src=//evil> [n](javascript:x)"
+    )
+    services.add_action_item(
+        actor=commander,
+        incident=incident,
+        title="<b>x</b> [do](javascript:alert(8))",
+        kind="corrective",
+        owner=commander.user,
+        link="https://tracker.example.com/OPS-7",
+    )
+    client.force_login(UserFactory(username="root", is_superuser=True))
+
+    response = client.get(reverse("admin:incidents_incident_postmortem", args=[incident.pk]))
+
+    assert response.status_code == 200
+    page = as_html(response.content.decode())
+    assert page.tags <= {
+        "h1", "h2", "h3", "p", "ul", "li", "strong", "em", "a", "br", "code",
+        "table", "thead", "tbody", "tr", "th", "td",
+    }  # fmt: skip
+    assert page.urls and all(url.lower().startswith(SAFE_SCHEMES) for url in page.urls)
+    # What was safe still works, and what was refused still reads as typed.
+    assert "https://tracker.example.com/1" in page.urls and "mailto:a@b.c" in page.urls
+    text = response.content.decode()
+    assert "&lt;script>alert(document.cookie)&lt;/script>" in text
+    assert "[click&#93;(javascript:alert(1))" in text
+
+
+@pytest.mark.parametrize(
+    ("typed", "written"),
+    [
+        ("a < b, x<5, <3", "a < b, x<5, <3"),
+        ("<b>bold</b>", "&lt;b>bold&lt;/b>"),
+        ("[ok](https://a.example)", "[ok](https://a.example)"),
+        ("[no](javascript:x)", "[no&#93;(javascript:x)"),
+        ("[ref]: data:text/html,x", "[ref&#93;: data:text/html,x"),
+    ],
+)
+def test_inert_keeps_markdown_and_text_and_drops_html_and_unsafe_links(typed, written):
+    assert inert(typed) == written

@@ -833,3 +833,98 @@ def test_normalise_is_idempotent_and_ignores_line_endings(text):
     assert normalise(text.replace("\n", "\r")) == once
     assert not once.startswith(("\n", "\ufeff")) and not once.endswith("\n")
     assert all(line == line.rstrip() for line in once.split("\n"))
+
+
+# --- what the console can store, and where the files are ------------------------------------------
+def test_a_version_prefix_longer_than_the_column_is_refused():
+    longest = "9" * 40
+    assert parse_file(f"{longest}_x.sql", b"-- migrate:up\nSELECT 1;\n").version == longest
+    for digits in (41, 64):
+        with raises_script_error(f"{'9' * digits}_x.sql:1: the version prefix is longer than 40"):
+            parse_file(f"{'9' * digits}_x.sql", b"-- migrate:up\nSELECT 1;\n")
+
+
+def test_the_engine_reads_no_longer_version_than_the_console_stores():
+    from migrations_ops.models import MigrationScript as MigrationScriptRow
+
+    column = MigrationScriptRow._meta.get_field("version").max_length
+    assert column == engine.MAX_VERSION_DIGITS
+
+
+def test_a_symbolic_link_within_the_folder_is_read(folder):
+    write(folder, "001_a.sql", "-- migrate:up\nSELECT 1;\n")
+    (folder / "002_b.sql").symlink_to("001_a.sql")  # the same SQL under a second version
+    scripts = parse_directory(folder)
+    assert [script.filename for script in scripts] == ["001_a.sql", "002_b.sql"]
+
+
+def test_a_symbolic_link_out_of_the_folder_refuses_the_folder(folder, tmp_path):
+    outside = tmp_path / "secret.sql"
+    outside.write_text("-- migrate:up\nDROP TABLE users;\n")
+    write(folder, "001_a.sql", "-- migrate:up\nSELECT 1;\n")
+    (folder / "002_b.sql").symlink_to(outside)
+    with raises_script_error(
+        f"migrations/002_b.sql:1: is a symbolic link to {outside}, outside the migrations "
+        "folder: copy the file into the folder instead"
+    ):
+        parse_directory(folder)
+    (folder / "002_b.sql").unlink()
+    (folder / "002_b.sql").symlink_to("../secret.sql")
+    with raises_script_error("migrations/002_b.sql:1: is a symbolic link to ../secret.sql, out"):
+        parse_directory(folder)
+
+
+def test_a_broken_symbolic_link_refuses_the_folder(folder):
+    write(folder, "001_a.sql", "-- migrate:up\nSELECT 1;\n")
+    (folder / "002_b.sql").symlink_to("002_gone.sql")
+    with raises_script_error(
+        "migrations/002_b.sql:1: is a broken symbolic link (to 002_gone.sql, which does not exist)"
+    ):
+        parse_directory(folder)
+    (folder / "002_b.sql").unlink()
+    (folder / "002_b.sql").symlink_to("002_b.sql")
+    with raises_script_error("migrations/002_b.sql:1: is a symbolic link that cannot be followed"):
+        parse_directory(folder)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("bad_file", "message"),
+    [
+        ("link_out", r"^migrations/002_b\.sql:1: is a symbolic link to \.\./elsewhere\.sql, out"),
+        ("broken_link", r"^migrations/002_b\.sql:1: is a broken symbolic link"),
+        ("long_version", r"^migrations/9{41}_b\.sql:1: the version prefix is longer than 40"),
+    ],
+)
+def test_ops_import_of_a_bad_folder_says_why_and_imports_nothing(
+    folder, tmp_path, bad_file, message
+):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    from migrations_ops.models import MigrationScript as MigrationScriptRow
+    from tests.factories import TargetFactory
+
+    TargetFactory(name="shop")
+    (tmp_path / "elsewhere.sql").write_text("-- migrate:up\nDROP TABLE users;\n")
+    write(folder, "001_a.sql", "-- migrate:up\nSELECT 1;\n")
+    if bad_file == "long_version":
+        write(folder, f"{'9' * 41}_b.sql", "-- migrate:up\nSELECT 2;\n")
+    else:
+        (folder / "002_b.sql").symlink_to(
+            "../elsewhere.sql" if bad_file == "link_out" else "002_gone.sql"
+        )
+
+    with pytest.raises(CommandError, match=message):
+        call_command(
+            "ops",
+            "import",
+            "--target",
+            "shop",
+            "--dir",
+            str(folder),
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )
+    assert not MigrationScriptRow.objects.exists()

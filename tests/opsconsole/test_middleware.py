@@ -96,3 +96,53 @@ def test_a_message_waits_through_requests_that_do_not_show_it(client, django_use
     assert "night shift" in shown.content.decode()
     assert "was added successfully" in shown.content.decode()
     assert "was added successfully" not in client.get(added.url).content.decode()
+
+
+# --- NUL characters in the address ----------------------------------------------------------------
+@pytest.fixture
+def superuser_client(client):
+    from tests.factories import UserFactory
+
+    client.force_login(UserFactory(username="root", is_superuser=True))
+    client.raise_request_exception = False
+    return client
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/migrations_ops/operation/?status=%00",
+        "/admin/migrations_ops/operation/?q=%00",
+        "/admin/migrations_ops/target/?environment__exact=%00",
+        "/admin/incidents/incident/?severity=%00",
+        "/admin/migrations_ops/auditevent/export/?q=%00",
+        "/admin/migrations_ops/auditevent/?action=%00",
+        "/admin/migrations_ops/operation/%00/change/",
+        "/admin/migrations_ops/target/1%00/change/",
+        "/admin/axes/accesslog/?path_info=%00",
+        "/admin/?%00=1",
+    ],
+)
+def test_a_nul_in_an_admin_address_is_a_400_page_saying_why(superuser_client, url):
+    response = superuser_client.get(url)
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")
+    assert b"NUL character" in response.content
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/api/migrations/status?target=%00", "/api/targets/a%00b/flags", "/api/%00", "/metrics?%00"],
+)
+def test_a_nul_in_an_api_address_is_a_json_400(client, url):
+    response = client.get(url)
+
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "NUL character" in error["message"]
+
+
+def test_an_address_without_nul_passes(superuser_client):
+    assert superuser_client.get("/admin/migrations_ops/operation/?status=queued").status_code == 200

@@ -251,6 +251,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        self._refuse_unstorable_text(options)
         actor = self._actor(options["as_user"])
         handler = getattr(self, f"handle_{options['subcommand'].replace('-', '_')}")
         try:
@@ -265,6 +266,18 @@ class Command(BaseCommand):
         except AwaitingApproval as waiting:
             self.stdout.write(str(waiting))
             return None
+
+    @staticmethod
+    def _refuse_unstorable_text(options) -> None:
+        """An argument that was not UTF-8 reaches Python holding lone surrogates, which no
+        database column (nor the audit trail) can hold: one line, before anything is read."""
+        for name, value in options.items():
+            for text in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(text, str) and services.UNSTORABLE_TEXT.search(text):
+                    option = "--as" if name == "as_user" else "--" + name.replace("_", "-")
+                    raise CommandError(
+                        f"{option} holds a NUL character or text that is not UTF-8: retype it"
+                    )
 
     def _actor(self, username: str | None) -> Actor:
         if not username:
