@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from django.conf import settings
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.messages.storage import default_storage
 from django.http import HttpResponse, JsonResponse
@@ -27,6 +28,7 @@ from django.utils.functional import SimpleLazyObject, empty
 from django.utils.html import escape
 
 from opsconsole import security
+from opsconsole.views import body_too_large_message
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A request id from a proxy or a client is kept only if it looks like one: nothing that could
@@ -170,7 +172,9 @@ def refusal(request, status: int, code: str, message: str) -> HttpResponse:
 class HostileInputMiddleware:
     """Refuses, with a 400, a request whose path or query string holds a NUL character:
     PostgreSQL text cannot hold one, so every filter, search and object id carrying it would
-    otherwise fail deep inside a query."""
+    otherwise fail deep inside a query. An API body announced larger than
+    DATA_UPLOAD_MAX_MEMORY_SIZE is refused here too, before the CSRF check reads it: refused
+    there, it would be Django's HTML page (the debug page with DEBUG on), not the API's JSON."""
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -181,4 +185,15 @@ class HostileInputMiddleware:
             for name, values in request.GET.lists()
         ):
             return refusal(request, 400, "invalid_request", NUL_REFUSED)
+        if request.path_info.startswith("/api/") and _announced_too_large(request):
+            return refusal(request, 400, "body_too_large", body_too_large_message())
         return self.get_response(request)
+
+
+def _announced_too_large(request) -> bool:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return False
+    return limit is not None and length > limit

@@ -83,8 +83,11 @@ def test_an_oversize_body_is_a_json_400(engineer, orders, settings):
     assert not Operation.objects.exists()
 
 
-def test_an_oversize_form_body_read_by_the_csrf_check_is_a_json_400(orders, settings):
-    """Read before any view (by the CSRF check): the API's 400 handler answers."""
+@pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
+def test_an_oversize_form_body_read_by_the_csrf_check_is_a_json_400(orders, settings, debug):
+    """Would be read before any view (by the CSRF check): refused before it, in JSON, with
+    DEBUG on too (where Django would show its debug page)."""
+    settings.DEBUG = debug
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1_000
     client = Client(enforce_csrf_checks=True, raise_request_exception=False)
     client.force_login(UserFactory(username="oncall", permissions=ON_CALL_PERMISSIONS))
