@@ -100,7 +100,8 @@ def own_queue(settings):
 @pytest.fixture
 def start_worker(own_queue, settings, tmp_path):
     """``start_worker()`` starts a real worker process on this test's own queue, one the test
-    may kill (the session's shared worker must live on)."""
+    may kill (the session's shared worker must live on), its audit events witnessed where
+    this test's are."""
     from tests.worker import celery_worker, database_url
 
     with contextlib.ExitStack() as stack:

@@ -56,7 +56,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def celery_worker(
-    *, database_url: str, redis_url: str, queue: str, log_path: Path, hostname: str = ""
+    *,
+    database_url: str,
+    redis_url: str,
+    queue: str,
+    log_path: Path,
+    hostname: str = "",
+    witness_path: Path | None = None,
 ):
     """Start ``celery worker`` (solo pool) and yield once it is ready; stop it afterwards. It
     records that it is alive every second (WORKER_HEARTBEAT_SECONDS)."""
@@ -64,7 +70,7 @@ def celery_worker(
         database_url=database_url,
         redis_url=redis_url,
         queue=queue,
-        witness_path=log_path.parent / "audit-witness.json",
+        witness_path=witness_path or log_path.parent / "audit-witness.json",
         WORKER_HEARTBEAT_SECONDS="1",
     )
     with open(log_path, "w") as log:
