@@ -5,13 +5,16 @@ close its connections, so it can be used before ``django.setup()``."""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -120,12 +123,20 @@ def configure_console(
         or base64.urlsafe_b64encode(os.urandom(32)).decode(),
         "AUDIT_CHAIN_KEY": os.environ.get("AUDIT_CHAIN_KEY")
         or base64.b64encode(os.urandom(36)).decode(),
+        # The chain's witness of this run's own console database, under its own key.
+        "AUDIT_WITNESS_PATH": os.environ.get("AUDIT_WITNESS_PATH") or _throw_away_witness(),
     }
     if queue is not None:
         env |= {"CELERY_QUEUE": queue, "CELERY_TASK_ALWAYS_EAGER": "false"}
     env |= extra
     os.environ.update(env)
     return env
+
+
+def _throw_away_witness() -> str:
+    folder = tempfile.mkdtemp(prefix="opsconsole-bench-witness-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "audit-witness.json")
 
 
 def set_up_console(target_url: str, target_name: str, target_sql: Sequence[str]) -> tuple:

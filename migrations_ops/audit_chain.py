@@ -150,12 +150,13 @@ def append_many(model, events: list, *, batch_size: int = 2000) -> list:
 
 def _witness_on_commit(model, event, linked_to: str, using: str) -> None:
     """Once the event is committed (never before: a rolled-back event must not be witnessed),
-    move the witness to it. A failure to write the witness is logged, never the request's."""
+    move the witness to it, in the background. A failure to write the witness is logged, never
+    the request's."""
     from migrations_ops import audit_witness
 
     transaction.on_commit(
         partial(
-            audit_witness.advance,
+            audit_witness.committed,
             model,
             last_id=event.pk,
             last_hash=event.hash,

@@ -8,20 +8,25 @@ can neither forge nor replay it onto another chain), and ``ops audit-verify`` ch
 witnessed event is still there with the same hash.
 
 The witness only moves forward: writers take a lock on the file's companion ``.lock`` and keep
-the higher id (on_commit callbacks of concurrent processes may run in any order; ids follow
+the higher id (commits of concurrent processes may be witnessed in any order; ids follow
 the chain's order because the chain's lock is held from before the insert to the commit). It
 moves past its event only along the chain: if the new events do not link to the witnessed one
 and that one is gone or changed, the tail was cut, and the witness keeps the evidence instead.
+
+Each process writes its witness from a thread of its own (``committed``), so a request never
+waits for the file's lock and its fsync; a burst of appends is one write. Readers of the
+witness, and the process on its way out, wait for what it committed (``settle``).
 
 What it cannot do: see appends it was not told of (a console host with its own
 AUDIT_WITNESS_PATH only pins the events its own processes wrote; share the path between hosts
 to pin every one), or resist someone who can write the file *and* holds AUDIT_CHAIN_KEY (the
 console host's own operator). Events committed in the instant between a commit and its
-witness write are not yet pinned.
+witness write (milliseconds; a process killed then loses that write) are not yet pinned.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import fcntl
@@ -31,10 +36,13 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from django.conf import settings
+from django.db import connections
 
 from migrations_ops.audit_chain import ChainProblem, chain_key
 
@@ -62,8 +70,13 @@ def _signature(last_id: int, last_hash: str, written_at: str) -> str:
 
 
 def read(path: Path | None = None) -> Witnessed | None:
-    """The witnessed head, None if there is no witness yet; WitnessDamaged if forged."""
-    path = path or witness_path()
+    """The witnessed head, None if there is no witness yet; WitnessDamaged if forged. What
+    this process committed is written first (``settle``)."""
+    settle()
+    return _read(path or witness_path())
+
+
+def _read(path: Path) -> Witnessed | None:
     try:
         document = json.loads(path.read_text())
         witnessed = Witnessed(
@@ -119,13 +132,15 @@ def _write(path: Path, last_id: int, last_hash: str) -> None:
         raise
 
 
-def advance(model, *, last_id: int, last_hash: str, linked_to: str) -> None:
+def advance(
+    model, *, last_id: int, last_hash: str, linked_to: str, path: Path | None = None
+) -> None:
     """Move the witness to the event (``last_id``, ``last_hash``) just committed, whose chain
     begins at an event with hash ``linked_to``. Never backwards; never past a cut tail."""
-    path = witness_path()
+    path = path or witness_path()
     with _locked(path):
         try:
-            current = read(path)
+            current = _read(path)
         except WitnessDamaged as damaged:
             # Kept as it is for the auditor: ops audit-verify reports it.
             logger.error("%s: not moved to audit event #%s", damaged, last_id)
@@ -146,18 +161,129 @@ def advance(model, *, last_id: int, last_hash: str, linked_to: str) -> None:
         _write(path, last_id, last_hash)
 
 
+def committed(model, *, last_id: int, last_hash: str, linked_to: str) -> None:
+    """An append committed (``transaction.on_commit``): the witness moves to it soon after, in
+    this process's writer thread, so that no request waits for the file's lock and its fsync."""
+    _writer().submit(
+        _Advance(model, witness_path(), last_id, last_hash, first_id=last_id, linked_to=linked_to)
+    )
+
+
+def settle(timeout: float = 10) -> bool:
+    """Wait until this process's committed appends are witnessed (False if ``timeout`` passed
+    first). Readers of the witness call it; so does the process on its way out."""
+    writer = _current_writer
+    return writer is None or writer.pid != os.getpid() or writer.settle(timeout)
+
+
+@dataclass(frozen=True)
+class _Advance:
+    """The newest committed event to witness, and what the oldest not yet witnessed links to."""
+
+    model: type
+    path: Path
+    last_id: int
+    last_hash: str
+    first_id: int
+    linked_to: str
+
+    def merged(self, newer: _Advance) -> _Advance:
+        """One write for two appends: the newest event, linked from the oldest."""
+        last = newer if newer.last_id > self.last_id else self
+        first = newer if newer.first_id < self.first_id else self
+        return replace(last, first_id=first.first_id, linked_to=first.linked_to)
+
+
+# How long the writer lets appends gather before one write covers them all: under load, at
+# most one fsync per this many seconds, instead of one per commit.
+GATHER_SECONDS = 0.05
+
+
+class _Writer:
+    """Process state: the thread that writes the witness, and what waits for it (per witness
+    file). Appends committed while it writes are merged into the next write: only the newest
+    event matters, as long as the oldest links to the one witnessed. A forked child (a Celery
+    pool process) starts a writer of its own."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self._condition = threading.Condition()
+        self._pending: dict[Path, _Advance] = {}
+        self._writing = False
+        self._thread = threading.Thread(target=self._run, name="audit-witness", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Advance) -> None:
+        with self._condition:
+            queued = self._pending.get(job.path)
+            self._pending[job.path] = queued.merged(job) if queued else job
+            self._condition.notify_all()
+
+    def settle(self, timeout: float) -> bool:
+        if threading.current_thread() is self._thread:
+            return True
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: not self._pending and not self._writing, timeout
+            )
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._pending)
+            time.sleep(GATHER_SECONDS)
+            with self._condition:
+                _, job = self._pending.popitem()
+                self._writing = True
+            try:
+                advance(
+                    job.model,
+                    last_id=job.last_id,
+                    last_hash=job.last_hash,
+                    linked_to=job.linked_to,
+                    path=job.path,
+                )
+            except Exception:
+                logger.exception("the audit witness could not be moved to event #%s", job.last_id)
+            finally:
+                # The check of the witnessed event opened this thread's own connection.
+                connections.close_all()
+                with self._condition:
+                    self._writing = False
+                    self._condition.notify_all()
+
+
+_current_writer: _Writer | None = None
+_writer_lock = threading.Lock()
+
+
+def _writer() -> _Writer:
+    global _current_writer
+    writer = _current_writer
+    if writer is not None and writer.pid == os.getpid():
+        return writer
+    with _writer_lock:
+        if _current_writer is None or _current_writer.pid != os.getpid():
+            _current_writer = _Writer()
+        return _current_writer
+
+
+atexit.register(settle)
+
+
 def start(model) -> Witnessed:
     """The witness at the chain's current head, where there is none yet (an upgraded
     console's first ``ops audit-verify --start-witness``, after the chain verified)."""
     path = witness_path()
+    settle()
     with _locked(path):
-        current = read(path)
+        current = _read(path)
         if current is not None:
             return current
         last = model._base_manager.order_by("-id").values_list("id", "hash").first()
         if last is not None:
             _write(path, *last)
-        return read(path) or Witnessed(last_id=0, hash="", written_at="")
+        return _read(path) or Witnessed(last_id=0, hash="", written_at="")
 
 
 def check(model, *, count: int, last_id: int | None) -> list[ChainProblem]:

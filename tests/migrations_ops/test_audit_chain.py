@@ -29,6 +29,7 @@ def commit() -> None:
     connection.run_on_commit.clear()
     for _savepoints, callback, _robust in pending:
         callback()
+    assert audit_witness.settle()  # the witness is written by a thread of its own
 
 
 def witnessed_at() -> str:

@@ -2,10 +2,12 @@
 end of the trail, or all of them, by someone writing to the database with the append-only
 triggers off; the witness cannot be forged, and never moves backwards or past a cut."""
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,32 @@ def test_two_processes_appending_at_once_leave_the_witness_at_the_end_and_the_cl
     assert cut.stdout == ""
     assert "the newest audit events were removed" in cut.stderr
     assert "audit chain broken: 1 problem(s) in 79 events named above" in cut.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_append_does_not_wait_for_the_witness_and_is_witnessed_once_written():
+    """The witness is written by a thread of its own: a commit returns while another process
+    holds the witness file's lock, and the witness reaches the event once the lock is free."""
+    record(n=0)
+    path = Path(settings.AUDIT_WITNESS_PATH)
+    appended = []
+
+    def append_five():
+        appended.extend(record(n=n) for n in range(1, 6))  # each its own commit
+        connection.close()
+
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as another process writing the witness would
+        appending = threading.Thread(target=append_five)
+        appending.start()
+        appending.join(timeout=10)
+        waited = appending.is_alive()
+        assert not audit_witness.settle(timeout=0.5)  # the witness still waits for the lock
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    appending.join()
+
+    assert not waited, "the appends waited for the witness file's lock"
+
+    assert audit_witness.settle(timeout=10)
+    assert witnessed().last_id == appended[-1].pk
+    assert verify()[1] == ""

@@ -47,7 +47,7 @@ def test_a_second_person_approves_and_the_operation_runs(prod, django_capture_on
         operation = request_unlock(oncall, prod)
     assert operation.status == OperationStatus.AWAITING_APPROVAL
     # Nothing is sent to the worker before approval (the audit witness moves, as on any commit).
-    assert [c for c in sent if getattr(c, "func", None) is not audit_witness.advance] == []
+    assert [c for c in sent if getattr(c, "func", None) is not audit_witness.committed] == []
     assert len(prod.db.runbook_lock_rows()) == 1
 
     with django_capture_on_commit_callbacks(execute=True):
