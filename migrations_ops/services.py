@@ -635,12 +635,27 @@ def _create_operation(
             .exclude(kind=OperationKind.VERIFY)
             .first()
         )
-        if active is None:
+        if active is not None:
+            raise OperationInProgress(
+                f"operation #{active.pk} ({active.get_kind_display()}, {active.status}) is "
+                f"already in progress on {target.name}: wait for it to finish",
+                operation_id=active.pk,
+            ) from None
+        # The operation in the way finished between this insert and this look: the target
+        # changed under the request, which is refused rather than run on what it saw before.
+        finished = (
+            Operation.objects.filter(target=target)
+            .exclude(kind=OperationKind.VERIFY)
+            .order_by("-pk")
+            .first()
+        )
+        if finished is None:
             raise
         raise OperationInProgress(
-            f"operation #{active.pk} ({active.get_kind_display()}, {active.status}) is already "
-            f"in progress on {target.name}: wait for it to finish",
-            operation_id=active.pk,
+            f"operation #{finished.pk} ({finished.get_kind_display()}) was in progress on "
+            f"{target.name} and has just ended ({finished.status}): look at what it did, then "
+            "ask again",
+            operation_id=finished.pk,
         ) from None
     finally:
         if observing and not written:

@@ -1,9 +1,11 @@
 """Force-unlock through the service layer: the rules every door inherits."""
 
 import datetime as dt
+import threading
 import time
 
 import pytest
+from django.db import IntegrityError
 from django.db import connection as console_connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -242,6 +244,50 @@ def test_one_operation_per_target_at_a_time(pg_target, engineer):
     ):
         services.request_force_unlock(actor=engineer, target=target, reason="again")
     assert Operation.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_refused_by_an_operation_that_ended_meanwhile_says_so(
+    pg_target, engineer, monkeypatch
+):
+    """The insert meets the operation in the way, which ends before the request looks for it:
+    a clear refusal naming it, not a database error."""
+    from migrations_ops import plain_rows
+
+    pg_target.create_runbook_books(lock_age=STALE)
+    # Waiting for a second person, the first operation stays in the way until it is decided.
+    target = TargetFactory(db=pg_target, requires_approval=True)
+    first = services.request_force_unlock(actor=engineer, target=target, reason="stuck")
+    assert first.status == OperationStatus.AWAITING_APPROVAL
+    insert = plain_rows.insert
+
+    def insert_then_end_the_first(row, **kwargs):
+        try:
+            return insert(row, **kwargs)
+        except IntegrityError:
+            # A second person rejects the first request at this very moment.
+            finisher = threading.Thread(target=end_operation, args=(first.pk,))
+            finisher.start()
+            finisher.join()
+            raise
+
+    monkeypatch.setattr(plain_rows, "insert", insert_then_end_the_first)
+    with pytest.raises(services.OperationInProgress) as refused:
+        services.request_force_unlock(actor=engineer, target=target, reason="again")
+
+    assert str(refused.value) == (
+        f"operation #{first.pk} (Force-release migration lock) was in progress on "
+        f"{target.name} and has just ended (cancelled): look at what it did, then ask again"
+    )
+    assert refused.value.operation_id == first.pk
+    assert Operation.objects.count() == 1
+
+
+def end_operation(operation_id: int) -> None:
+    Operation.objects.filter(pk=operation_id).update(
+        status=OperationStatus.CANCELLED, finished_at=timezone.now()
+    )
+    console_connection.close()
 
 
 @pytest.fixture
