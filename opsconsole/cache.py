@@ -15,12 +15,13 @@ applications read their kill switches exactly when infrastructure is failing.
 import logging
 import threading
 import time
-from urllib.parse import urlsplit
 
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 from django.dispatch import Signal
 from redis.exceptions import RedisError
+
+from migrations_ops.engine import mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class DegradingRedisCache(KeptClientRedisCache):
 
     def __init__(self, server, params):
         super().__init__(server, params)
-        self._location = ",".join(_without_password(s) for s in self._servers)
+        self._location = ",".join(mask_url(server) for server in self._servers)
         retry_seconds = float(params.get("RETRY_SECONDS", 5))
         with _breakers_lock:
             self._breaker = _breakers.setdefault(
@@ -206,11 +207,3 @@ class DegradingRedisCache(KeptClientRedisCache):
 
     def clear(self, *args, **kwargs):
         return self._either("clear", *args, **kwargs)
-
-
-def _without_password(url: str) -> str:
-    """``url`` fit for a log line: no user name or password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "(unix socket)"

@@ -73,37 +73,19 @@ def celery_worker(
         witness_path=witness_path or log_path.parent / "audit-witness.json",
         WORKER_HEARTBEAT_SECONDS="1",
     )
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "opsconsole",
-                "worker",
-                "--pool",
-                "solo",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--loglevel",
-                "INFO",
-                "--queues",
-                queue,
-                "--hostname",
-                hostname or f"test-{queue}@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_line(process, log_path, "ready.", "the Celery worker")
+    with running_celery(
+        [
+            "worker",
+            *("--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat"),
+            *("--loglevel", "INFO", "--queues", queue),
+            *("--hostname", hostname or f"test-{queue}@%h"),
+        ],
+        env=env,
+        log_path=log_path,
+        ready="ready.",
+        what="the Celery worker",
+    ) as process:
         yield process
-    finally:
-        stop(process)
 
 
 @contextlib.contextmanager
@@ -126,27 +108,30 @@ def celery_beat(
         OPERATION_SWEEP_INTERVAL=str(every),
         LOCK_OBSERVE_INTERVAL=str(every),
     )
+    with running_celery(
+        ["beat", "--loglevel", "INFO", "--max-interval", str(every)],
+        env=env,
+        log_path=log_path,
+        ready="beat: Starting...",
+        what="Celery beat",
+    ) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def running_celery(arguments: list[str], *, env: dict, log_path: Path, ready: str, what: str):
+    """``celery -A opsconsole ARGUMENTS`` logging to ``log_path``, yielded once the log shows
+    ``ready``; stopped afterwards."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "opsconsole",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "--max-interval",
-                str(every),
-            ],
+            [sys.executable, "-m", "celery", "-A", "opsconsole", *arguments],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_line(process, log_path, "beat: Starting...", "Celery beat")
+        wait_for_line(process, log_path, ready, what)
         yield process
     finally:
         stop(process)
