@@ -23,8 +23,8 @@ from incidents.models import (
     TimelineEntry,
 )
 from migrations_ops.actors import Actor
-from migrations_ops.admin import ReadOnlyAdmin
-from migrations_ops.admin_history import AuditHistoryMixin
+from migrations_ops.admin.common import ReadOnlyAdmin
+from migrations_ops.admin.history import AuditHistoryMixin
 from migrations_ops.models import Door, Environment, Target
 from migrations_ops.refusals import refusal_recorded
 from migrations_ops.services import ServiceError

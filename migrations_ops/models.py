@@ -368,7 +368,7 @@ class Operation(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "requested_at"]),
-            # The history changelist (admin.py): its ordering, and each of its filters and
+            # The history changelist (admin/history.py): its ordering, and each of its filters and
             # searched columns followed by the time, so a filtered page is read in order.
             models.Index(fields=["requested_at", "id"]),
             models.Index(fields=["kind", "requested_at"]),
@@ -455,7 +455,7 @@ class AuditEvent(AppendOnlyModel):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
-            # The history changelist (admin.py): its ordering, and each of its filters and
+            # The history changelist (admin/history.py): its ordering, and each of its filters and
             # searched columns followed by the time, so a filtered page is read in order.
             models.Index(fields=["created_at", "id"]),
             models.Index(fields=["door", "created_at"]),

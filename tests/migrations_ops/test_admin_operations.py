@@ -7,7 +7,7 @@ from django.urls import reverse
 
 from migrations_ops import services
 from migrations_ops.actors import Actor
-from migrations_ops.admin_operations import TARGET_ACTIONS
+from migrations_ops.admin.target_operations import TARGET_ACTIONS
 from migrations_ops.models import Environment, Operation, OperationStatus
 from migrations_ops.roles import AUDITOR, ON_CALL
 from tests.factories import IncidentFactory, TargetFactory, member

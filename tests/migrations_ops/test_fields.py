@@ -116,7 +116,7 @@ def test_a_malformed_key_is_named(settings):
 def test_the_admin_shows_the_field_read_only_without_its_value(client, monkeypatch):
     """A page someone adds later that shows the field itself (a list column, a read-only
     field) shows the admin's empty value, never the decrypted URL."""
-    from migrations_ops.admin import TargetAdmin
+    from migrations_ops.admin.targets import TargetAdmin
     from migrations_ops.checks import no_secret_in_admin_options
     from tests.factories import UserFactory
 

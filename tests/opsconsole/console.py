@@ -24,7 +24,7 @@ from incidents.admin_views import INCIDENT_FORMS
 from incidents.models import DrillRun, DrillRunStatus, IncidentStatus, Scenario
 from migrations_ops import roles, services
 from migrations_ops.actors import Actor
-from migrations_ops.admin_operations import ACTIONS_BY_SLUG
+from migrations_ops.admin.target_operations import ACTIONS_BY_SLUG
 from migrations_ops.models import AlertThresholds, Door, Environment, Target
 from tests.factories import TargetFactory, UserFactory
 from tests.scripts_folder import EMAIL, ORDERS, USERS, apply_directly, write_folder

@@ -1,6 +1,8 @@
-"""API tokens in the admin: created through ``services.create_api_token`` (the token is shown
-once, on the page answering the form, and kept nowhere), revoked with an action, never edited
-or deleted (a revoked token stays listed, for the record)."""
+"""API tokens in the admin: made by the services, shown once, revoked, never edited or deleted.
+
+Created through ``services.create_api_token`` (the token is shown once, on the page answering
+the form, and kept nowhere), revoked with an action, never edited or deleted (a revoked token
+stays listed, for the record)."""
 
 from __future__ import annotations
 

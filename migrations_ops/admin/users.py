@@ -1,4 +1,6 @@
-"""The admin of users and groups: Django's, with the rules of ``migrations_ops.people`` asked
+"""Users and groups in the admin: Django's, refusing with a message a change that escalates.
+
+Django's admin of users and groups, with the rules of ``migrations_ops.people`` asked
 before a change is saved, so a refused one gets a clear message (and is on the audit trail)
 instead of an error. The model signals ask again, for every other door."""
 

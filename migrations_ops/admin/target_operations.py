@@ -1,5 +1,6 @@
-"""Admin actions for every operation on a target, each through a confirmation page that shows
-exactly what will happen before it is requested from the services."""
+"""The operations a target's confirmation page requests: the table of actions, its form, the
+preview of exactly what will happen, and the hand-off to the services (the page is
+``TargetAdmin.operate_view``, in targets.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,14 @@ from dataclasses import dataclass
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
-from django.shortcuts import get_object_or_404, redirect
-from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.shortcuts import redirect
+from django.urls import reverse
 from django.utils.html import format_html
 
 from migrations_ops import engine, selectors, services
 from migrations_ops.actors import Actor
 from migrations_ops.forms import add_incident_field
-from migrations_ops.models import Door, OperationKind, Target
-from migrations_ops.refusals import invalid_form_recorded, refusal_recorded
+from migrations_ops.models import OperationKind, Target
 
 
 @dataclass(frozen=True)
@@ -176,65 +174,6 @@ def preview(target: Target, action: TargetAction) -> dict:
     return context
 
 
-class TargetOperationsMixin:
-    """Actions and confirmation pages for ModelAdmin of Target."""
-
-    def get_operation_urls(self):
-        return [
-            path(
-                "<int:target_id>/operate/<slug:slug>/",
-                self.admin_site.admin_view(self.operate_view),
-                name="migrations_ops_target_operate",
-            )
-        ]
-
-    def operate_view(self, request, target_id: int, slug: str):
-        action = ACTIONS_BY_SLUG.get(slug)
-        if action is None:
-            raise PermissionDenied
-        if not request.user.has_perm(f"migrations_ops.{action.permission}"):
-            raise PermissionDenied
-        target = get_object_or_404(Target, pk=target_id)
-        shown = preview(target, action)
-        form = TargetOperationForm(
-            request.POST if request.method == "POST" else None,
-            target=target,
-            action=action,
-            versions=shown["versions"],
-        )
-        if request.method == "POST" and form.is_valid():
-            try:
-                operation = request_operation(
-                    Actor.for_user(request.user, Door.ADMIN), target, action, form.cleaned_data
-                )
-            except services.ServiceError as error:
-                refusal_recorded(request, action.slug, error, target=target)
-                form.add_error(None, error_with_link(error))
-            else:
-                self.message_user(
-                    request,
-                    f"Operation #{operation.pk} requested: {action.label.lower()} on "
-                    f"{target.name} ({operation.get_status_display().lower()}).",
-                    messages.SUCCESS,
-                )
-                warn_if_broker_down(self, request, operation)
-                return redirect("admin:migrations_ops_operation_change", operation.pk)
-        elif request.method == "POST":
-            invalid_form_recorded(request, action.slug, form, target=target)
-        report = selectors.lock_report(target)
-        context = {
-            **self.admin_site.each_context(request),
-            **shown,
-            "opts": self.model._meta,
-            "title": f"{action.label}: {target.name}",
-            "target": target,
-            "action": action,
-            "form": form,
-            "lock_text": selectors.describe_lock(report),
-        }
-        return TemplateResponse(request, "admin/migrations_ops/target/operate.html", context)
-
-
 def make_action(action: TargetAction):
     def run(modeladmin, request, queryset):
         if queryset.count() != 1:
@@ -246,28 +185,3 @@ def make_action(action: TargetAction):
 
     run.__name__ = action.slug.replace("-", "_")
     return admin.action(description=action.label, permissions=[action.permission])(run)
-
-
-def verify_targets(modeladmin, request, queryset):
-    """Verify needs no confirmation: it changes nothing."""
-    actor = Actor.for_user(request.user, Door.ADMIN)
-    for target in queryset:
-        try:
-            operation = services.request_verify(actor=actor, target=target)
-        except services.ServiceError as error:
-            refusal_recorded(request, "verify", error, target=target)
-            modeladmin.message_user(request, f"{target.name}: {error}", messages.ERROR)
-            continue
-        operation.refresh_from_db()
-        problems = operation.result.get("problems")
-        outcome = f"{len(problems)} problem(s)" if problems is not None else operation.status
-        modeladmin.message_user(
-            request,
-            f"{target.name}: verify #{operation.pk}: {outcome}",
-            messages.WARNING if problems else messages.INFO,
-        )
-
-
-verify_targets = admin.action(description="Verify (books against scripts)", permissions=["verify"])(
-    verify_targets
-)
