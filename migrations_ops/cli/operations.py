@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from django.core.management.base import CommandError
 
 from incidents import services as incident_services
-from incidents.models import Incident
 from migrations_ops import selectors, services
 from migrations_ops.cli.subcommand import Subcommand
 from migrations_ops.models import Operation, OperationStatus
+
+if TYPE_CHECKING:
+    from incidents.models import Incident
 
 WAIT_POLL_SECONDS = 0.2
 
