@@ -168,6 +168,22 @@ def set_up_console(target_url: str, target_name: str, target_sql: Sequence[str])
     return services, operator, target
 
 
+def services_holding(name: str) -> list:
+    """``migrations_ops.services`` and those of its modules that hold ``name`` (the module
+    defining it and each importing it): a module calls its own binding, so a wrapper timing
+    one of the services must replace it in every one of them."""
+    from migrations_ops import services
+
+    original = getattr(services, name)
+    package = services.__name__
+    return [
+        module
+        for module_name, module in sorted(sys.modules.items())
+        if (module_name == package or module_name.startswith(package + "."))
+        and getattr(module, name, None) is original
+    ]
+
+
 # --- Redis -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def redis_client(redis_url: str) -> Iterator:

@@ -62,6 +62,15 @@ def _timed(function, name: str):
     return wrapper
 
 
+def _replace(name: str, wrapper) -> None:
+    """Put ``wrapper`` in place of services' ``name`` in every module of services holding it
+    (each module calls its own binding: the package's re-export and the importing modules')."""
+    from harness import services_holding
+
+    for module in services_holding(name):
+        setattr(module, name, wrapper)
+
+
 def _install_common() -> None:
     """Wrappers both sides share: target connections, target statements, console queries."""
     from django.db import connection
@@ -71,7 +80,7 @@ def _install_common() -> None:
     from migrations_ops.engine import connection as engine_connection
     from migrations_ops.engine.connection import TargetConnection
 
-    original_open_target = services.open_target  # looked up per call by services' callers
+    original_open_target = services.open_target
 
     @contextlib.contextmanager
     def open_target(target, **kwargs):
@@ -82,7 +91,7 @@ def _install_common() -> None:
             RECORDER.mark("target_work.end")
         RECORDER.mark("target_close.end")
 
-    services.open_target = open_target
+    _replace("open_target", open_target)
 
     for method in ("fetch_dicts", "execute"):
         original = getattr(TargetConnection, method)
@@ -141,7 +150,7 @@ def _install_common() -> None:
 
     connection.execute_wrappers.append(count_queries)
 
-    services.observe_lock = _timed(services.observe_lock, "observe")
+    _replace("observe_lock", _timed(services.observe_lock, "observe"))
     engine.Convention.release_lock = _timed(engine.Convention.release_lock, "release")
 
 
@@ -150,9 +159,9 @@ def install_request_side() -> Recorder:
     from migrations_ops import services
 
     _install_common()
-    services.read_target_status = _timed(services.read_target_status, "read")
-    services._create_operation = _timed(services._create_operation, "create")
-    services.send_operation = _timed(services.send_operation, "send")
+    _replace("read_target_status", _timed(services.read_target_status, "read"))
+    _replace("_create_operation", _timed(services._create_operation, "create"))
+    _replace("send_operation", _timed(services.send_operation, "send"))
     return RECORDER
 
 
@@ -164,8 +173,8 @@ def install_worker_side(path: Path) -> None:
     from migrations_ops import services
 
     _install_common()
-    services.execute_operation = _timed(services.execute_operation, "execute")
-    services._finish = _timed(services._finish, "finish")
+    _replace("execute_operation", _timed(services.execute_operation, "execute"))
+    _replace("_finish", _timed(services._finish, "finish"))
     out = open(path, "a")  # noqa: SIM115 (open for the worker's whole life)
 
     @signals.task_received.connect(weak=False)

@@ -341,16 +341,21 @@ class PhaseTimer:
         from migrations_ops.models import OperationKind
 
         wrap = self.wrap
-        wrap(services, "request_rollback", "request_rollback()")
-        wrap(services, "read_target_status", "live read of lock + books")
-        wrap(services, "observe_lock", "observe_lock (one UPDATE)")
-        wrap(services, "_claim", "_claim (UPDATE ... RETURNING, the target)")
-        wrap(services, "script_summaries", "script_summaries (scripts without SQL)")
-        wrap(services, "engine_scripts", "engine_scripts (the chosen script)")
-        wrap(services, "_create_operation", "Operation + AuditEvent insert, commit")
-        wrap(services, "send_operation", "on_commit: publish to the broker (Redis)")
-        wrap(services, "execute_operation", "execute_operation()")
-        wrap(services, "_finish", "_finish (Operation + observation update, AuditEvent, commit)")
+        # Each module of services calls its own binding: time the function in every one.
+        for name, label in (
+            ("request_rollback", "request_rollback()"),
+            ("read_target_status", "live read of lock + books"),
+            ("observe_lock", "observe_lock (one UPDATE)"),
+            ("_claim", "_claim (UPDATE ... RETURNING, the target)"),
+            ("script_summaries", "script_summaries (scripts without SQL)"),
+            ("engine_scripts", "engine_scripts (the chosen script)"),
+            ("_create_operation", "Operation + AuditEvent insert, commit"),
+            ("send_operation", "on_commit: publish to the broker (Redis)"),
+            ("execute_operation", "execute_operation()"),
+            ("_finish", "_finish (Operation + observation update, AuditEvent, commit)"),
+        ):
+            for module in harness.services_holding(name):
+                wrap(module, name, label)
         wrap(engine_connection, "_reset", "reset the kept connection (DISCARD ALL)")
         wrap(engine_connection, "_connect_postgresql", "NEW target connection")
         wrap(engine_connection.TargetConnection, "close", "close target connection")
