@@ -15,8 +15,9 @@ nothing after it (it is the last lock of a transaction), or two transactions cou
 each other: write the audit event last.
 
 What the chain cannot tell by itself: rows removed from its end, or all of them. After each
-append commits, its head is written outside the database (``audit_witness``), and ``ops
-audit-verify`` checks the chain still passes through it.
+append commits, its head is written outside the database (``audit_witness``, moved by
+``services.audit``, the one way events are appended), and ``ops audit-verify`` checks the chain
+still passes through it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import hmac
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -126,11 +126,9 @@ def append(event):
     """Seal and insert one event, in the caller's transaction (or a new one)."""
     using = router.db_for_write(type(event))
     with transaction.atomic(using=using, savepoint=False):
-        linked_to = chain_head(type(event), using)
-        seal(event, linked_to)
+        seal(event, chain_head(type(event), using))
         # Every operation writes two events: plain SQL spares the ORM's insert machinery.
         plain_rows.insert(event, using=using)
-        _witness_on_commit(type(event), event, linked_to, using)
     return event
 
 
@@ -138,33 +136,11 @@ def append_many(model, events: list, *, batch_size: int = 2000) -> list:
     """Seal and insert many events in one transaction, chained in list order."""
     using = router.db_for_write(model)
     with transaction.atomic(using=using, savepoint=False):
-        linked_to = previous = chain_head(model, using)
+        previous = chain_head(model, using)
         for event in events:
             previous = seal(event, previous)
         # One statement per batch: ids are handed out in the order of the rows.
-        created = model._base_manager.using(using).bulk_create(events, batch_size=batch_size)
-        if created:
-            _witness_on_commit(model, created[-1], linked_to, using)
-        return created
-
-
-def _witness_on_commit(model, event, linked_to: str, using: str) -> None:
-    """Once the event is committed (never before: a rolled-back event must not be witnessed),
-    move the witness to it, in the background. A failure to write the witness is logged, never
-    the request's."""
-    from migrations_ops import audit_witness
-
-    transaction.on_commit(
-        partial(
-            audit_witness.committed,
-            model,
-            last_id=event.pk,
-            last_hash=event.hash,
-            linked_to=linked_to,
-        ),
-        using=using,
-        robust=True,
-    )
+        return model._base_manager.using(using).bulk_create(events, batch_size=batch_size)
 
 
 # --- verifying --------------------------------------------------------------------------------

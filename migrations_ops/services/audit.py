@@ -5,11 +5,14 @@ The login receivers are connected on import (importing the package imports this 
 
 from __future__ import annotations
 
+from functools import partial
+
 from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db import transaction
 from django.dispatch import receiver
 
-from migrations_ops import audit_chain
+from migrations_ops import audit_chain, audit_witness
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent, Door, Operation, Target
 from migrations_ops.services.errors import require_permission
@@ -50,12 +53,35 @@ def record_audit_event(
         before=before or {},
         after=after or {},
     )
-    return audit_chain.append(event)
+    with transaction.atomic(savepoint=False):
+        audit_chain.append(event)
+        _witness_on_commit(first=event, last=event)
+    return event
 
 
 def record_audit_events(events: list[AuditEvent]) -> list[AuditEvent]:
     """Append many ready-made events at once, chained in list order (imports, benchmarks)."""
-    return audit_chain.append_many(AuditEvent, events)
+    with transaction.atomic(savepoint=False):
+        created = audit_chain.append_many(AuditEvent, events)
+        if created:
+            _witness_on_commit(first=created[0], last=created[-1])
+    return created
+
+
+def _witness_on_commit(*, first: AuditEvent, last: AuditEvent) -> None:
+    """Once the events are committed (never before: a rolled-back event must not be
+    witnessed), move the audit witness to the last, in the background. A failure to write the
+    witness is logged, never the request's."""
+    transaction.on_commit(
+        partial(
+            audit_witness.committed,
+            AuditEvent,
+            last_id=last.pk,
+            last_hash=last.hash,
+            linked_to=first.previous_hash,
+        ),
+        robust=True,
+    )
 
 
 def record_history_export(*, actor: Actor, filters: dict) -> AuditEvent:
