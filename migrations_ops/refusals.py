@@ -21,6 +21,7 @@ from django.db import transaction
 
 from migrations_ops.actors import Actor
 from migrations_ops.models import AuditEvent, Door
+from opsconsole import middleware as request_context
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def _storable(text: str) -> str:
 
 def http_actor(request) -> Actor | None:
     """Who made an HTTP request: its logged-in user, or an application's API token."""
-    api = request.path.startswith("/api/")
-    door = Door.API if api else Door.ADMIN
+    door = Door(request_context.door_of(request))
     token = getattr(request, "api_token", None)
     if token is not None:
         return Actor(user=None, name=f"token:{token.prefix}", door=door)

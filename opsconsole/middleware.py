@@ -131,9 +131,13 @@ class ActingUserMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        door = "api" if request.path.startswith("/api/") else "admin"
-        with bound_user(request.user, door=door):
+        with bound_user(request.user, door=door_of(request)):
             return self.get_response(request)
+
+
+def door_of(request) -> str:
+    """The door an HTTP request came through: "api" under /api/, else "admin"."""
+    return "api" if request.path.startswith("/api/") else "admin"
 
 
 class LazyMessageMiddleware(MessageMiddleware):
